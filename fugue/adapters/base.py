@@ -1,0 +1,137 @@
+"""The one interface between a worker and a kind of server.
+
+Who calls it: `fugue.worker` builds a WorkerContext, picks an Adapter class with
+`pick()` and calls `adapter.run(ctx)` in the worker's main thread.
+
+What an adapter promises:
+- `run(ctx)` serves on `ctx.listeners` until the worker is told to stop, then
+  returns (the worker then exits). It calls `ctx.serving()` once it really
+  accepts connections (that sends READY, unless the app holds it back with
+  wait_ready), and calls `ctx.tick()` at least every `ctx.tick_interval` seconds
+  from its serving loop (the heartbeat: a wedged loop stops it and the master
+  kills the worker after `timeout`).
+- Its loop watches `ctx.wake_fds()` for readability and then calls
+  `ctx.dispatch()`. That delivers master messages and signals as calls back into
+  the adapter, always on the adapter's own loop thread:
+    begin_drain()   stop accepting; finish in-flight work; an idle keep-alive
+                    connection is not closed under a client: its next request is
+                    answered with `Connection: close`; run() returns when all is
+                    done or at ctx.graceful_deadline.
+    quick_stop()    close everything now; run() returns at once.
+    take_connection(sock, info)   (only if `takes_connections`): serve an
+                    already accepted connection passed by the master's router.
+- It counts through `ctx.stats`: connection_opened/closed, request_started/finished.
+
+Adapters import only this module (and their own server library).
+"""
+
+import socket
+import threading
+import time
+
+
+class Stats:
+    """Counters of one worker; thread-safe because threaded servers update them."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.in_flight = 0
+        self.connections = 0
+        self.connections_total = 0
+        self.counters = {}
+        self.current = {}  # thread or task id -> what the worker is serving right now
+
+    def connection_opened(self):
+        with self._lock:
+            self.connections += 1
+            self.connections_total += 1
+
+    def connection_closed(self):
+        with self._lock:
+            self.connections -= 1
+
+    def request_started(self, info=None, key=None):
+        with self._lock:
+            self.in_flight += 1
+            if info is not None:
+                self.current[key if key is not None else threading.get_ident()] = (info, time.time())
+
+    def request_finished(self, key=None):
+        with self._lock:
+            self.in_flight -= 1
+            self.requests += 1
+            self.current.pop(key if key is not None else threading.get_ident(), None)
+
+    def incr(self, name, n=1):
+        with self._lock:
+            self.counters[name] = self.counters.get(name, 0) + n
+
+    def snapshot(self):
+        with self._lock:
+            now = time.time()
+            return {
+                "requests": self.requests, "in_flight": self.in_flight,
+                "connections": self.connections, "connections_total": self.connections_total,
+                "counters": dict(self.counters),
+                "current": [{"info": info, "for": round(now - since, 3)}
+                            for info, since in self.current.values()],
+            }
+
+
+class WorkerContext:
+    """What a worker gives its adapter. Implemented in fugue.worker; documented here."""
+
+    worker_id: int
+    generation: int
+    listeners: list          # listening socket.socket objects, blocking
+    listener_names: list     # names from the master's manifest, same order
+    options: dict            # the master's options (plain data) merged with local callables
+    stats: Stats
+    tick_interval: float
+    graceful_timeout: float
+    draining: bool = False
+    graceful_deadline: float = None  # monotonic time by which a drain must end
+
+    def wake_fds(self):
+        raise NotImplementedError
+
+    def dispatch(self):
+        raise NotImplementedError
+
+    def serving(self):
+        raise NotImplementedError
+
+    def tick(self):
+        raise NotImplementedError
+
+    def log(self, message):
+        raise NotImplementedError
+
+
+class Adapter:
+    """Base of every kind of server; subclasses override run() and the stop hooks."""
+
+    kind = "base"
+    takes_connections = False
+
+    def __init__(self, target, options):
+        self.target = target
+        self.options = options
+
+    @classmethod
+    def accepts(cls, target):
+        """True if this adapter can serve `target` (used when the adapter is 'auto')."""
+        return False
+
+    def run(self, ctx):
+        raise NotImplementedError
+
+    def begin_drain(self):
+        raise NotImplementedError
+
+    def quick_stop(self):
+        raise NotImplementedError
+
+    def take_connection(self, sock: socket.socket, info: dict):
+        sock.close()

@@ -1,0 +1,248 @@
+"""Options: one table, validated once into a frozen Config.
+
+Who calls it: `fugue.start` (options dict), `fuguectl` (flags and TOML files).
+What it promises: every value in a Config has been checked for type and range;
+an unknown or ill-typed option raises ConfigError naming the option and the
+allowed names or values. Nothing here touches the OS beyond path arithmetic.
+"""
+
+import dataclasses
+import os
+from typing import Any
+
+from .errors import ConfigError
+
+# One row per option: name, kind, default, help. `kind` drives coercion of
+# strings (from flags and env) and the check of values from dicts and TOML.
+#   int+ (>= 1), int0 (>= 0), float+ (> 0), float0 (>= 0), bool, str, path,
+#   list (of str), callable (a callable or a dotted "module:attr" string),
+#   choice:a|b|c, id (user or group: name or number).
+OPTIONS = [
+    ("workers", "int0", None, "number of worker processes (default: the CPU count)"),
+    ("bind", "list", [], "listeners: HOST:PORT, [V6]:PORT, :PORT, unix:PATH, fd:N (repeatable)"),
+    ("backlog", "int+", 2048, "listen(2) backlog of sockets fugue binds"),
+    ("working_path", "path", None, "directory the workers chdir to (default: the start directory)"),
+    ("tmp_path", "path", None, "directory for the private run directory (default: ./tmp)"),
+    ("pid_file", "path", None, "pid file of the master (default: fugue.pid in the start directory)"),
+    ("log_file", "path", None, "log file for the master and the workers"),
+    ("master_log_file", "path", None, "log file for the master alone"),
+    ("uid", "id", None, "user the workers run as (name or number)"),
+    ("gid", "id", None, "group the workers run as (name or number)"),
+    ("umask", "int0", 0o022, "umask of the daemonized master and its workers"),
+    ("daemonize", "bool", False, "fork into the background; the launcher exits once all workers are ready"),
+    ("verbose", "bool", False, "log every worker state change and protocol step"),
+    ("name", "str", None, "name shown in process titles and logs (default: the script's name)"),
+    ("graceful_timeout", "float+", 30.0, "seconds a stopping worker may take to finish in-flight work"),
+    ("timeout", "float+", 30.0, "seconds without a heartbeat before a worker is killed"),
+    ("ready_timeout", "float+", 30.0, "seconds a new worker or master has to become ready"),
+    ("wait_ready", "bool", False, "READY is sent by the app calling fugue.ready(), not on serving"),
+    ("startup_check", "callable", None, "callable (or module:attr) run in each new worker before READY"),
+    ("reload_strategy", "choice:all|rolling", "all", "all: the whole new generation ready first; rolling: k at a time"),
+    ("reload_batch", "int+", 1, "workers replaced at a time by a rolling reload"),
+    ("adapter", "choice:auto|socketserver|handler|wsgi|asgi|asyncio|callable|command", "auto",
+     "kind of server in the workers (auto: guessed from the target)"),
+    ("command", "list", [], "a foreign program run as each worker with the listeners from fd 3 (LISTEN_FDS)"),
+    ("ready_mode", "choice:stable|notify", "stable",
+     "foreign workers: READY after stable_after seconds up, or on sd_notify READY=1"),
+    ("stable_after", "float0", 1.0, "seconds a foreign worker must stay up to count as READY"),
+    ("stop_signal", "str", "TERM", "signal sent to a foreign worker for a graceful stop"),
+    ("max_requests", "int0", 0, "recycle a worker after this many requests (0: never)"),
+    ("max_requests_jitter", "int0", 0, "random extra 0..N requests, so workers do not recycle together"),
+    ("max_memory", "int0", 0, "recycle a worker whose RSS exceeds this many bytes (0: never)"),
+    ("watch", "bool", False, "reload when a watched file changes"),
+    ("watch_paths", "list", [], "paths to watch (default: the app's directory)"),
+    ("watch_include", "list", ["*.py"], "globs of files whose change reloads"),
+    ("watch_exclude", "list", [], "globs of files never watched (added to the built-in ignores)"),
+    ("watch_settle", "float0", 0.3, "seconds the tree must be quiet before a watch reload"),
+    ("status_bind", "str", None, "HOST:PORT of a management HTTP listener (JSON and Prometheus)"),
+    ("hostnames", "list", [], "routed mode: hostnames this app serves"),
+]
+
+NAMES = [row[0] for row in OPTIONS]
+KINDS = {row[0]: row[1] for row in OPTIONS}
+DEFAULTS = {row[0]: row[2] for row in OPTIONS}
+HELP = {row[0]: row[3] for row in OPTIONS}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _describe(kind):
+    return {
+        "int+": "an integer >= 1", "int0": "an integer >= 0", "float+": "a number > 0",
+        "float0": "a number >= 0", "bool": "true or false", "str": "a string",
+        "path": "a path", "list": "a list of strings", "callable": "a callable or 'module:attr'",
+        "id": "a name or a number",
+    }.get(kind) or "one of " + ", ".join(kind[len("choice:"):].split("|"))
+
+
+def coerce(name, value, source="option"):
+    """Check one option value (strings from flags are converted); return the clean value."""
+    if name not in KINDS:
+        raise ConfigError(f"unknown {source} {name!r}; valid: {', '.join(NAMES)}")
+    kind = KINDS[name]
+    if value is None:
+        return None
+
+    def bad():
+        return ConfigError(f"{source} {name}: {value!r} is not {_describe(kind)}")
+
+    if kind in ("int+", "int0"):
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, str):
+            try:
+                value = int(value, 0)
+            except ValueError:
+                raise bad() from None
+        if not isinstance(value, int) or value < (1 if kind == "int+" else 0):
+            raise bad()
+        return value
+    if kind in ("float+", "float0"):
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad() from None
+        if not isinstance(value, (int, float)) or value != value or value in (float("inf"),):
+            raise bad()
+        if value < 0 or (kind == "float+" and value == 0):
+            raise bad()
+        return float(value)
+    if kind == "bool":
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if kind in ("str", "path"):
+        if not isinstance(value, str) or not value or "\0" in value:
+            raise bad()
+        return value
+    if kind == "list":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, str) and v and "\0" not in v for v in value):
+            raise bad()
+        return list(value)
+    if kind == "id":
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int) and value >= 0:
+            return value
+        if isinstance(value, str) and value:
+            return int(value) if value.isdigit() else value
+        raise bad()
+    if kind == "callable":
+        if callable(value):
+            return value
+        if isinstance(value, str) and ":" in value and all(value.split(":", 1)):
+            return value
+        raise bad()
+    if kind.startswith("choice:"):
+        if value not in kind[len("choice:"):].split("|"):
+            raise bad()
+        return value
+    raise AssertionError(kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every option, validated, with paths made absolute against `start_dir`."""
+
+    values: dict
+    start_dir: str
+
+    def __getattr__(self, name):
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def path(self, name):
+        """An option that is a path, absolute against the unresolved start directory."""
+        value = self.values[name]
+        return None if value is None else os.path.join(self.start_dir, value)
+
+    def replace(self, **changes):
+        values = dict(self.values)
+        values.update(changes)
+        return Config(values=values, start_dir=self.start_dir)
+
+    def public(self):
+        """The options as plain data (callables shown by name), for status and the workers."""
+        out = {}
+        for key, value in self.values.items():
+            out[key] = value if not callable(value) else f"{value.__module__}:{value.__qualname__}"
+        return out
+
+
+def start_directory():
+    """The directory fugue was started from, as the user spelled it ($PWD), not resolved.
+
+    A deploy that switches a `current` symlink and then upgrades must be picked up by
+    the new master, so we keep $PWD when it names the same directory as getcwd().
+    """
+    cwd = os.getcwd()
+    pwd = os.environ.get("PWD")
+    if pwd and os.path.isabs(pwd):
+        try:
+            if os.path.samefile(pwd, cwd):
+                return pwd
+        except OSError:
+            pass
+    return cwd
+
+
+def build(options=None, start_dir=None, source="option"):
+    """Validate `options` (a dict) over the defaults and return a Config."""
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"options must be a dict, not {type(options).__name__}")
+    values = dict(DEFAULTS)
+    for name, value in options.items():
+        values[name] = coerce(name, value, source)
+    if values["workers"] is None:
+        values["workers"] = os.cpu_count() or 1
+    start_dir = start_dir or start_directory()
+    if values["tmp_path"] is None:
+        values["tmp_path"] = "tmp"
+    if values["pid_file"] is None:
+        values["pid_file"] = "fugue.pid"
+    if values["working_path"] is None:
+        values["working_path"] = start_dir
+    return Config(values=values, start_dir=start_dir)
+
+
+def merge(*layers):
+    """Later dicts win: defaults < config file < flags (None in a layer means unset)."""
+    out = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if value is not None:
+                out[key] = value
+    return out
+
+
+def load_toml(path) -> dict[str, Any]:
+    """Read a TOML config file; errors name the file and the key."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path}: permission denied") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    for key, value in data.items():
+        if key in ("app", "script", "apps"):
+            continue
+        coerce(key, value, source=f"key in {path}:")
+    return data

@@ -1,0 +1,269 @@
+"""Listening sockets and descriptor passing.
+
+Binds or adopts listeners (TCP v4/v6, Unix, systemd LISTEN_FDS), and moves
+descriptors over Unix sockets with SCM_RIGHTS. Every descriptor we create or
+receive is close-on-exec (Python's default, and MSG_CMSG_CLOEXEC on receive:
+`socket.recv_fds` ignores its flags on 3.11).
+"""
+
+import array
+import errno
+import os
+import socket
+import stat
+import struct
+
+from .errors import FugueError
+
+SD_LISTEN_FDS_START = 3
+MAX_FDS = 64
+UNIX_PATH_MAX = 107
+
+
+class Listener:
+    """A named listening socket and how to describe it to a peer."""
+
+    def __init__(self, sock, name, spec):
+        self.sock = sock
+        self.name = name
+        self.spec = spec  # what the user wrote, or "fd:N"
+
+    def describe(self):
+        fam = {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}.get(
+            self.sock.family, str(self.sock.family))
+        return {"name": self.name, "family": fam, "address": address_text(self.sock), "spec": self.spec}
+
+    def fileno(self):
+        return self.sock.fileno()
+
+
+def address_text(sock):
+    """host:port, [v6]:port or unix:path of a bound socket."""
+    try:
+        addr = sock.getsockname()
+    except OSError:
+        return "?"
+    if sock.family == socket.AF_UNIX:
+        return "unix:" + (addr if isinstance(addr, str) else addr.decode(errors="replace"))
+    if sock.family == socket.AF_INET6:
+        return f"[{addr[0]}]:{addr[1]}"
+    return f"{addr[0]}:{addr[1]}"
+
+
+def parse_bind(spec):
+    """'127.0.0.1:4000', '[::1]:4000', ':4000', '4000', 'unix:/p', 'fd:3' -> (kind, address)."""
+    if not isinstance(spec, str) or not spec:
+        raise FugueError(f"bad bind address {spec!r}")
+    if spec.startswith("unix:"):
+        path = spec[5:]
+        if not path:
+            raise FugueError(f"bad bind address {spec!r}: empty path")
+        return "unix", path
+    if spec.startswith("/") or spec.startswith("./"):
+        return "unix", spec
+    if spec.startswith("fd:") or spec.startswith("fd://"):
+        num = spec.split(":", 1)[1].lstrip("/")
+        if not num.isdigit():
+            raise FugueError(f"bad bind address {spec!r}: fd needs a number")
+        return "fd", int(num)
+    host, sep, port = spec.rpartition(":")
+    if not sep:
+        host, port = "", spec
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise FugueError(f"bad bind address {spec!r}: port must be a number from 0 to 65535")
+    return "tcp", (host or None, int(port))
+
+
+def bind_tcp(host, port, backlog):
+    """Bind host:port (None = all interfaces, dual-stack where possible)."""
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                                   socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise FugueError(f"cannot resolve {host!r}: {e.strerror}") from None
+    if host is None:
+        # All interfaces: prefer one dual-stack IPv6 socket, as gunicorn's "[::]" does.
+        infos.sort(key=lambda i: i[0] != socket.AF_INET6)
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host is None else 1)
+        sock.bind(addr)
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        shown = f"[{host}]:{port}" if host and ":" in host else f"{host or '*'}:{port}"
+        if e.errno == errno.EADDRINUSE:
+            raise FugueError(f"port {port} already in use ({shown})") from None
+        if e.errno == errno.EACCES:
+            raise FugueError(f"permission denied binding {shown}: ports below 1024 need root "
+                             "or CAP_NET_BIND_SERVICE") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise FugueError(f"cannot bind {shown}: address not available on this machine") from None
+        raise FugueError(f"cannot bind {shown}: {e.strerror}") from None
+    return sock
+
+
+def bind_unix(path, backlog):
+    """Bind a Unix socket; a stale socket file (nobody listening) is replaced."""
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise FugueError(f"unix socket path too long ({len(os.fsencode(path))} bytes, "
+                         f"at most {UNIX_PATH_MAX}): {path}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FugueError(f"cannot bind unix:{path}: directory {parent} does not exist")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FugueError(f"cannot bind unix:{path}: a file that is not a socket is in the way")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale: nobody listens
+        except OSError as e:
+            raise FugueError(f"cannot bind unix:{path}: {e.strerror}") from None
+        else:
+            raise FugueError(f"unix:{path} is in use: another process is listening on it")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        raise FugueError(f"cannot bind unix:{path}: {e.strerror}") from None
+    return sock
+
+
+def adopt_fd(fd):
+    """A listening socket we inherited (LISTEN_FDS or fd:N); it must be a listening stream."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise FugueError(f"fd {fd} is not a usable socket: {e.strerror}") from None
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise FugueError(f"fd {fd} is not a listening stream socket")
+    sock.set_inheritable(False)
+    return sock
+
+
+def systemd_listeners():
+    """Listeners passed by systemd socket activation, or [] if none are for us.
+
+    The variables are removed so that nothing we exec inherits them by accident.
+    """
+    pid = os.environ.pop("LISTEN_PID", None)
+    count = os.environ.pop("LISTEN_FDS", None)
+    names = os.environ.pop("LISTEN_FDNAMES", "")
+    if pid is None or count is None:
+        return []
+    if not pid.isdigit() or int(pid) != os.getpid() or not count.isdigit():
+        return []
+    names = names.split(":") if names else []
+    out = []
+    for i in range(int(count)):
+        fd = SD_LISTEN_FDS_START + i
+        name = names[i] if i < len(names) and names[i] else f"fd{fd}"
+        out.append(Listener(adopt_fd(fd), name, f"fd:{fd}"))
+    return out
+
+
+def open_listeners(binds, backlog):
+    """Bind every spec in `binds`; on any error, close what was bound and raise."""
+    out = []
+    try:
+        for i, spec in enumerate(binds):
+            kind, addr = parse_bind(spec)
+            if kind == "tcp":
+                sock = bind_tcp(addr[0], addr[1], backlog)
+            elif kind == "unix":
+                sock = bind_unix(addr, backlog)
+            else:
+                sock = adopt_fd(addr)
+            out.append(Listener(sock, f"l{i}", spec))
+    except BaseException:
+        close_listeners(out)
+        raise
+    return out
+
+
+def close_listeners(listeners, unlink=False):
+    for lst in listeners:
+        path = None
+        if unlink and lst.sock.family == socket.AF_UNIX:
+            try:
+                path = lst.sock.getsockname()
+            except OSError:
+                path = None
+        lst.sock.close()
+        if path and isinstance(path, str) and not path.startswith("\0"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def send_with_fds(sock, data, fds):
+    """One packet with descriptors attached (SCM_RIGHTS)."""
+    if not fds:
+        return sock.send(data)
+    return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+
+
+def recv_with_fds(sock, bufsize, maxfds=MAX_FDS):
+    """(data, [fds]) from one packet; fds arrive close-on-exec. Truncated control data closes them."""
+    data, ancdata, flags, _ = sock.recvmsg(bufsize, socket.CMSG_SPACE(maxfds * 4),
+                                           socket.MSG_CMSG_CLOEXEC)
+    fds = array.array("i")
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[:len(cdata) - (len(cdata) % fds.itemsize)])
+    fds = list(fds)
+    if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise OSError(errno.EMSGSIZE, "truncated message or descriptors")
+    return data, fds
+
+
+def peer_credentials(sock):
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)
+
+
+def private_dir(parent, prefix):
+    """A fresh 0700 directory under `parent`, which must be safe to create it in.
+
+    Refuses a parent that is a symlink, is not a directory, or is writable by others
+    without the sticky bit (someone could swap our directory under us).
+    """
+    import tempfile
+
+    try:
+        st = os.lstat(parent)
+    except FileNotFoundError:
+        raise FugueError(f"tmp_path {parent} does not exist") from None
+    if stat.S_ISLNK(st.st_mode):
+        real = os.path.realpath(parent)
+        st = os.stat(real)
+        if st.st_uid not in (0, os.getuid()):
+            raise FugueError(f"tmp_path {parent} is a symlink to a directory owned by someone else")
+    if not stat.S_ISDIR(st.st_mode):
+        raise FugueError(f"tmp_path {parent} is not a directory")
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise FugueError(f"tmp_path {parent} is world-writable without the sticky bit; refusing")
+    try:
+        return tempfile.mkdtemp(prefix=prefix, dir=parent)
+    except OSError as e:
+        raise FugueError(f"tmp_path {parent} is not writable: {e.strerror}") from None

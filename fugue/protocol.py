@@ -1,0 +1,78 @@
+"""Pure encoding of everything that crosses a process boundary.
+
+Channel messages (master <-> worker), control frames (fuguectl <-> master) and
+the upgrade manifest (old master -> new master) are all one JSON object per
+SOCK_SEQPACKET packet. Packets are bounded; anything that is not a JSON object
+with a string "type" is rejected with ProtocolError, never half-parsed.
+"""
+
+import json
+
+VERSION = 1
+MAX_FRAME = 1 << 20  # one packet; status of thousands of workers fits
+
+# master -> worker
+HELLO = "hello"          # + listener descriptors; worker id, generation, options
+STOP = "stop"            # {"graceful": bool}
+REOPEN = "reopen"        # + new log descriptor (stdout and stderr)
+STATS = "stats"          # {"seq": n}: answer with STATS_REPLY
+CONN = "conn"            # + one accepted connection (routed mode)
+# worker -> master
+READY = "ready"
+HEARTBEAT = "hb"         # {"stats": {...}}
+STATS_REPLY = "stats_reply"
+FAILED = "failed"        # {"reason": "..."}: could not start; the master logs it
+DRAINING = "draining"
+# handoff (USR2)
+MANIFEST = "manifest"    # {"version", "listeners": [...], "generation"} + descriptors
+NEW_READY = "new_ready"  # new master: my workers are READY, step down
+STEPPED_DOWN = "stepped_down"  # old master: pid file renamed; write yours
+
+
+class ProtocolError(Exception):
+    """A frame that is not a valid message."""
+
+
+def encode(kind, **fields):
+    """One message as bytes for one packet."""
+    fields["type"] = kind
+    data = json.dumps(fields, separators=(",", ":"), default=str).encode()
+    if len(data) > MAX_FRAME:
+        raise ProtocolError(f"message {kind} too large ({len(data)} bytes)")
+    return data
+
+
+def decode(data):
+    """Bytes of one packet -> dict with a "type"; ProtocolError otherwise."""
+    if not data:
+        raise ProtocolError("empty frame")
+    if len(data) > MAX_FRAME:
+        raise ProtocolError("frame too large")
+    try:
+        msg = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"not JSON: {e}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise ProtocolError("not a message object")
+    return msg
+
+
+def manifest(listeners, generation, options=None):
+    """The upgrade manifest: named listeners in the order their descriptors travel."""
+    return encode(MANIFEST, version=VERSION, listeners=listeners, generation=generation,
+                  options=options or {})
+
+
+def check_manifest(msg, nfds):
+    """Validate a received manifest against the number of descriptors that came with it."""
+    if msg.get("type") != MANIFEST:
+        raise ProtocolError(f"expected manifest, got {msg.get('type')!r}")
+    if msg.get("version") != VERSION:
+        raise ProtocolError(f"manifest version {msg.get('version')!r}, this fugue speaks {VERSION}")
+    listeners = msg.get("listeners")
+    if not isinstance(listeners, list) or len(listeners) != nfds:
+        raise ProtocolError(f"manifest names {len(listeners or [])} listeners, {nfds} descriptors came")
+    for item in listeners:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ProtocolError("manifest listener without a name")
+    return listeners
