@@ -1,0 +1,169 @@
+"""fugue: a Unicorn-style prefork daemon for Python.
+
+    import fugue, http.server
+    server = http.server.ThreadingHTTPServer(("", 0), Handler, bind_and_activate=False)
+    fugue.start(server, 4000, None, 2, {"daemonize": True})
+
+The script runs first as the master, which binds, daemonizes and spawns the
+workers; each worker is a fresh interpreter running the same script, where
+`fugue.start` receives the listening sockets over its channel and serves.
+"""
+
+import json
+import os
+import sys
+
+from .errors import ConfigError, FugueError
+
+__all__ = ["start", "worker_id", "generation", "ready", "on_takedown", "stats", "server_status",
+           "FugueError", "ConfigError"]
+__version__ = "0.1.0"
+
+# Set by fuguectl before it runs a target in the master: what the workers run,
+# and options from flags and the config file that win over the script's own.
+_cli_target = None
+_cli_options = None
+_master = None
+
+
+def _in_worker():
+    from . import worker
+
+    return worker.current
+
+
+def worker_id():
+    """1..N in a worker (a replacement takes its slot's id); None in the master."""
+    rt = _in_worker()
+    return rt.worker_id if rt else None
+
+
+def generation():
+    """The worker generation this process belongs to (the serving one, in the master)."""
+    rt = _in_worker()
+    if rt:
+        return rt.generation
+    return _master.generation if _master else None
+
+
+def ready():
+    """With the wait_ready option: tell the master this worker is warmed up (serverswap's readyFor)."""
+    rt = _in_worker()
+    if rt:
+        rt.app_ready()
+
+
+def on_takedown(fn):
+    """Run `fn()` in this worker when it starts to drain (serverswap's onTakedown)."""
+    rt = _in_worker()
+    if rt:
+        rt.on_takedown(fn)
+    return fn
+
+
+class _Stats:
+    """`fugue.stats.incr("orders")`: a counter summed over all workers in the status."""
+
+    def incr(self, name, n=1):
+        rt = _in_worker()
+        if rt:
+            rt.stats.incr(str(name), n)
+
+
+stats = _Stats()
+
+
+def server_status(timeout=2.0):
+    """The aggregated status of all workers, from inside a worker or the master."""
+    rt = _in_worker()
+    if rt:
+        return rt.server_status(timeout)
+    if _master is not None:
+        from .status import collect
+
+        return collect(_master)
+    return None
+
+
+def _binds(port, host):
+    if port is None:
+        return []
+    if isinstance(port, int) and not isinstance(port, bool):
+        if host and ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return [f"{host or ''}:{port}"]
+    if isinstance(port, str):
+        if port.isdigit():
+            return _binds(int(port), host)
+        return [port if port.startswith(("unix:", "fd:")) else "unix:" + port]
+    raise ConfigError(f"port must be a number or a Unix socket path, not {port!r}")
+
+
+def start(server, port=None, host=None, workers=None, options=None):
+    """Run `server` under fugue: the master here, the server in each worker.
+
+    TCP:  start(server, port, host=None, workers=None, options=None)
+    Unix: start(server, "/path/app.sock", workers=None, options=None)
+
+    In the master this returns only when the master exits (the process then
+    exits with the master's status). In a worker it serves, then exits.
+    """
+    rt = _in_worker()
+    if rt is not None:
+        from .worker import serve
+
+        return serve(server, options if isinstance(options, dict) else (
+            workers if isinstance(workers, dict) else None))
+    unix = isinstance(port, str) and not port.isdigit()
+    if unix and (options is None) and (isinstance(workers, dict) or (workers is None and not isinstance(host, str))):
+        options, workers, host = workers, host, None
+    try:
+        status = _run_master(server, port, host, workers, options)
+    except FugueError as e:
+        print(f"fugue: {e}", file=sys.stderr)
+        sys.stderr.flush()
+        sys.exit(e.status)
+    sys.exit(status)
+
+
+def _target_for_script():
+    """What a worker runs to get the same server: this script, or this module."""
+    from .config import start_directory
+
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name and spec.name != "__main__":
+        name = spec.name[:-len(".__main__")] if spec.name.endswith(".__main__") else spec.name
+        return {"module": name, "argv": list(sys.argv)}
+    script = getattr(main, "__file__", None) or sys.argv[0]
+    if not script or not os.path.exists(script):
+        raise FugueError("fugue.start must be called from a script or module that workers can run again")
+    return {"script": os.path.join(start_directory(), script), "argv": list(sys.argv)}
+
+
+def _run_master(server, port, host, workers, options):
+    from . import config
+
+    opts = dict(options or {})
+    if not isinstance(options, (dict, type(None))):
+        raise ConfigError(f"options must be a dict, not {type(options).__name__}")
+    if workers is not None:
+        opts["workers"] = workers
+    binds = _binds(port, host)
+    if binds and not opts.get("bind"):
+        opts["bind"] = binds
+    if _cli_options:
+        opts.update(_cli_options)
+    cfg = config.build(opts)
+    target = _cli_target or _target_for_script()
+    if server is not None and not isinstance(server, (str, list)):
+        # Check the adapter now, in the master, so a wrong server type is one clear error.
+        from .adapters import pick
+
+        try:
+            pick(server, cfg.public())
+        except ValueError as e:
+            raise FugueError(str(e)) from None
+    from .run import run_master
+
+    return run_master(cfg, target)

@@ -1,0 +1,230 @@
+"""socketserver.BaseServer (http.server included), and bare BaseRequestHandler classes.
+
+Replaces serve_forever with one selectors loop over the listeners and the
+worker's wake fds, so the worker has one wait point and heartbeats come from
+the loop that accepts (a wedged loop stops them).
+
+Draining (graceful stop): the listeners leave the selector at once; requests
+in flight finish; an HTTP response sent while draining carries
+`Connection: close`; an idle keep-alive connection is left open until its
+client sends the next request (answered with `Connection: close`) or closes it
+-- closing it under a client that may be sending at that very moment is the
+keep-alive race this avoids. At the graceful deadline whatever is left is shut.
+"""
+
+import http.server
+import selectors
+import socket
+import socketserver
+import threading
+import time
+
+from .base import Adapter
+
+
+class SocketServerAdapter(Adapter):
+    kind = "socketserver"
+    takes_connections = True
+
+    @classmethod
+    def accepts(cls, target):
+        return isinstance(target, socketserver.BaseServer)
+
+    def __init__(self, target, options):
+        super().__init__(target, options)
+        self.server = target
+        self._conns = set()
+        self._conns_lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._quit = False
+        self._sel = None
+
+    # -- connection bookkeeping, called from handler threads -------------------
+
+    def _opened(self, sock):
+        with self._conns_lock:
+            self._conns.add(sock)
+        self.ctx.stats.connection_opened()
+
+    def _closed(self, sock):
+        with self._conns_lock:
+            self._conns.discard(sock)
+        self.ctx.stats.connection_closed()
+        if self.ctx.draining:
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass
+
+    def _wrap_handler(self):
+        """Subclass the app's handler to count, and to say Connection: close while draining."""
+        adapter = self
+        base = self.server.RequestHandlerClass
+        if getattr(base, "_fugue_wrapped", False):
+            return
+        if issubclass(base, http.server.BaseHTTPRequestHandler):
+            class Handler(base):
+                _fugue_wrapped = True
+
+                def setup(self):
+                    super().setup()
+                    adapter._opened(self.request)
+
+                def finish(self):
+                    try:
+                        super().finish()
+                    finally:
+                        adapter._closed(self.request)
+
+                def handle_one_request(self):
+                    self._fugue_counted = False
+                    try:
+                        super().handle_one_request()
+                    finally:
+                        if self._fugue_counted:
+                            adapter.ctx.stats.request_finished()
+
+                def parse_request(self):
+                    ok = super().parse_request()
+                    self._fugue_counted = True
+                    adapter.ctx.stats.request_started(f"{self.command} {self.path}")
+                    return ok
+
+                def end_headers(self):
+                    if adapter.ctx.draining and not self.close_connection:
+                        self.send_header("Connection", "close")
+                    super().end_headers()
+        else:
+            class Handler(base):
+                _fugue_wrapped = True
+
+                def setup(self):
+                    super().setup()
+                    adapter._opened(self.request)
+                    adapter.ctx.stats.request_started()
+
+                def finish(self):
+                    try:
+                        super().finish()
+                    finally:
+                        adapter.ctx.stats.request_finished()
+                        adapter._closed(self.request)
+
+        Handler.__name__ = base.__name__
+        Handler.__qualname__ = base.__qualname__
+        self.server.RequestHandlerClass = Handler
+
+    # -- Adapter ------------------------------------------------------------
+
+    def run(self, ctx):
+        self.ctx = ctx
+        server = self.server
+        own = getattr(server, "socket", None)
+        if own is not None and own not in ctx.listeners:
+            own.close()  # bound by the app itself: fugue's listener replaces it
+        for sock in ctx.listeners:
+            sock.setblocking(False)  # several workers race for accept()
+        server.socket = ctx.listeners[0] if ctx.listeners else None
+        if server.socket is not None:
+            server.server_address = server.socket.getsockname()
+            if hasattr(server, "server_name"):
+                host, port = server.server_address[:2]
+                server.server_name, server.server_port = host, port
+        self._wrap_handler()
+        sel = self._sel = selectors.DefaultSelector()
+        for sock in ctx.listeners:
+            sel.register(sock, selectors.EVENT_READ, sock)
+        for fd in ctx.wake_fds():
+            sel.register(fd, selectors.EVENT_READ, None)
+        sel.register(self._wake_r, selectors.EVENT_READ, None)
+        ctx.serving()
+        try:
+            while not self._quit:
+                timeout = ctx.tick_interval
+                if ctx.draining:
+                    if not self._busy():
+                        break
+                    timeout = min(timeout, max(0.0, ctx.graceful_deadline - time.monotonic()))
+                    if timeout == 0.0:
+                        self._shut_all()
+                        break
+                for key, _ in sel.select(timeout):
+                    if key.data is not None:
+                        if ctx.draining:
+                            continue
+                        server.socket = key.data
+                        server._handle_request_noblock()
+                    elif key.fileobj is self._wake_r:
+                        self._drain_wake()
+                    else:
+                        ctx.dispatch()
+                server.service_actions()
+                ctx.tick()
+        finally:
+            sel.close()
+
+    def _busy(self):
+        with self._conns_lock:
+            return bool(self._conns) or self.ctx.stats.in_flight > 0
+
+    def _drain_wake(self):
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def begin_drain(self):
+        if self._sel is None:
+            return
+        for sock in self.ctx.listeners:
+            try:
+                self._sel.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            sock.close()
+
+    def quick_stop(self):
+        self._quit = True
+        self._shut_all()
+
+    def _shut_all(self):
+        with self._conns_lock:
+            conns = list(self._conns)
+        for sock in conns:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def take_connection(self, sock, info):
+        server = self.server
+        addr = tuple(info["peer"]) if info.get("peer") else sock.getpeername()
+        if server.verify_request(sock, addr):
+            try:
+                server.process_request(sock, addr)
+            except Exception:  # noqa: BLE001 - as socketserver does
+                server.handle_error(sock, addr)
+                server.shutdown_request(sock)
+        else:
+            server.shutdown_request(sock)
+
+
+class HandlerAdapter(SocketServerAdapter):
+    """A BaseRequestHandler class: served by a ThreadingTCPServer (or HTTP server) fugue makes."""
+
+    kind = "handler"
+
+    @classmethod
+    def accepts(cls, target):
+        return isinstance(target, type) and issubclass(target, socketserver.BaseRequestHandler)
+
+    def __init__(self, target, options):
+        if issubclass(target, http.server.BaseHTTPRequestHandler):
+            server = http.server.ThreadingHTTPServer(("", 0), target, bind_and_activate=False)
+        else:
+            server = socketserver.ThreadingTCPServer(("", 0), target, bind_and_activate=False)
+        server.daemon_threads = True
+        super().__init__(server, options)

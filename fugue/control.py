@@ -1,0 +1,205 @@
+"""The control socket: fuguectl's way into the master, one more reader in its loop.
+
+A SOCK_SEQPACKET Unix socket, mode 0600, in the master's 0700 run directory;
+every connection's SO_PEERCRED uid must be the master's or root. One request
+per connection: {"type": "cmd", "cmd": NAME, ...}; the reply is one frame
+{"type": "reply", "ok": bool, "text": str, "data": ...}. reload and upgrade
+reply when their outcome is known, so `fuguectl reload` can exit non-zero on a
+rollback; status replies once every worker has sent fresh counters (or after
+STATUS_WAIT seconds, with what it has).
+"""
+
+import itertools
+import logging
+import os
+import socket
+import time
+
+from . import protocol
+from .fds import peer_credentials
+from .policy import LIVE
+
+log = logging.getLogger("fugue")
+
+STATUS_WAIT = 1.0
+COMMANDS = ("status", "reload", "upgrade", "stop", "scale", "reopen-logs", "pid", "watch")
+
+
+class ControlServer:
+    def __init__(self, master, path):
+        self.master = master
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+        self.clients = {}             # conn -> reader registered
+        self._seq = itertools.count(1)
+        self.pending_status = {}      # seq -> [conn, waiting pids, deadline, json?]
+
+    def accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            _, uid, _ = peer_credentials(conn)
+            if uid not in (0, os.getuid()):
+                log.warning("control: refused a connection from uid %d", uid)
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self.clients[conn] = True
+            self.master.loop.add_reader(conn, lambda c=conn: self.on_request(c))
+
+    def on_request(self, conn):
+        try:
+            data = conn.recv(protocol.MAX_FRAME)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.drop(conn)
+            return
+        try:
+            msg = protocol.decode(data)
+        except protocol.ProtocolError as e:
+            self.reply(conn, False, f"bad request: {e}")
+            return
+        self.master.loop.remove_reader(conn)  # one request per connection
+        self.handle(conn, msg)
+
+    def reply(self, conn, ok, text, data=None):
+        if conn not in self.clients:
+            return
+        try:
+            conn.send(protocol.encode("reply", ok=ok, text=text, data=data))
+        except OSError:
+            pass
+        self.drop(conn)
+
+    def drop(self, conn):
+        if self.clients.pop(conn, None):
+            self.master.loop.remove_reader(conn)
+            conn.close()
+
+    def handle(self, conn, msg):
+        from .master import Refused
+
+        m = self.master
+        cmd = msg.get("cmd")
+        try:
+            if cmd == "pid":
+                self.reply(conn, True, str(os.getpid()), {"pid": os.getpid()})
+            elif cmd == "reload":
+                m.begin_rollout("fuguectl", waiter=lambda ok, text: self.reply(conn, ok, text))
+            elif cmd == "upgrade":
+                m.begin_upgrade(waiter=lambda ok, text: self.reply(conn, ok, text))
+            elif cmd == "stop":
+                m.begin_stop("quick" if msg.get("quick") else "graceful")
+                self.reply(conn, True, "stopping", {"pid": os.getpid()})
+            elif cmd == "reopen-logs":
+                m.reopen_logs()
+                self.reply(conn, True, "reopened log files")
+            elif cmd == "scale":
+                self.reply(conn, *self._scale(msg.get("workers")))
+            elif cmd == "watch":
+                self.reply(conn, *self._watch(msg.get("on")))
+            elif cmd == "status":
+                self.begin_status(conn)
+            else:
+                self.reply(conn, False, f"unknown command {cmd!r}; known: {', '.join(COMMANDS)}")
+        except Refused as e:
+            self.reply(conn, False, str(e))
+        except Exception as e:  # noqa: BLE001 - a bad request must not take the master down
+            log.exception("control command %r failed", cmd)
+            self.reply(conn, False, f"{cmd} failed: {e}")
+
+    def _scale(self, value):
+        m = self.master
+        text = str(value)
+        try:
+            n = int(text)
+        except ValueError:
+            return False, f"scale: {value!r} is not N, +N or -N"
+        new = m.target_count + n if text.startswith(("+", "-")) else n
+        if new < 0:
+            return False, f"scale: cannot go below 0 workers (now {m.target_count})"
+        m.scale(new)
+        return True, f"workers: {new}"
+
+    def _watch(self, on):
+        m = self.master
+        if m.watcher is None:
+            return False, "watch mode is not enabled (start with --watch)"
+        if on:
+            m.watcher.resume()
+        else:
+            m.watcher.pause()
+        log.info("watch %s", "on" if on else "off")
+        return True, f"watch {'on' if on else 'off'}"
+
+    # -- status: ask every worker, answer when all replied ------------------------------
+
+    def begin_status(self, conn):
+        m = self.master
+        seq = next(self._seq)
+        waiting = set()
+        for w in m.workers.values():
+            if w.state in LIVE and not w.foreign and m.send(w, protocol.STATS, seq=seq):
+                waiting.add(w.pid)
+        self.pending_status[seq] = [conn, waiting, time.monotonic() + STATUS_WAIT]
+        self._maybe_finish(seq)
+
+    def stats_reply(self, w, msg):
+        entry = self.pending_status.get(msg.get("seq"))
+        if entry:
+            entry[1].discard(w.pid)
+            self._maybe_finish(msg.get("seq"))
+
+    def _maybe_finish(self, seq, force=False):
+        conn, waiting, _ = self.pending_status[seq]
+        waiting &= set(self.master.workers)
+        if waiting and not force:
+            return
+        del self.pending_status[seq]
+        from .status import collect
+
+        self.reply(conn, True, "status", collect(self.master))
+
+    def deadline(self):
+        now = time.monotonic()
+        for seq, (_, _, when) in list(self.pending_status.items()):
+            if when <= now:
+                self._maybe_finish(seq, force=True)
+        return min((e[2] for e in self.pending_status.values()), default=None)
+
+    def close(self):
+        for conn in list(self.clients):
+            self.reply(conn, False, "the master is exiting")
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def request(path, cmd, timeout=None, **fields):
+    """fuguectl's side: send one command, wait for its reply (a dict)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        sock.send(protocol.encode("cmd", cmd=cmd, **fields))
+        data = sock.recv(protocol.MAX_FRAME)
+    finally:
+        sock.close()
+    if not data:
+        raise ConnectionError("the master closed the connection without a reply")
+    return protocol.decode(data)

@@ -1,0 +1,256 @@
+"""Daemonizing, the pid file, and the log files.
+
+Daemonizing is an ordered list of steps (Unicorn's launcher): the launching
+process forks; the child becomes the daemon through python-daemon (double
+fork, setsid, umask, explicit files_preserve and signal_map); the launcher
+waits on a ready pipe and exits 0 only when the master reports all workers
+ready, 1 with the master's reason otherwise.
+"""
+
+import errno
+import logging
+import os
+import signal
+import sys
+
+from .errors import FugueError
+
+log = logging.getLogger("fugue")
+
+LOG_FORMAT = "%(asctime)s [%(process)d] [master] %(levelname)s %(message)s"
+
+
+# -- pid file ------------------------------------------------------------------
+
+def read_pid(path):
+    """The pid in `path`, or None if there is none; FugueError for garbage or no access."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if os.path.islink(path):
+        raise FugueError(f"pid file {path} is a symlink; refusing to use it")
+    if not os.path.isfile(path):
+        raise FugueError(f"pid file {path} is not a regular file")
+    try:
+        with open(path) as f:
+            text = f.read(64).strip()
+    except PermissionError:
+        raise FugueError(f"pid file {path}: permission denied") from None
+    del st
+    if not text.isdigit() or int(text) <= 0:
+        raise FugueError(f"pid file {path} does not contain a pid ({text[:20]!r})")
+    return int(text)
+
+
+def is_fugue_master(pid):
+    """True if `pid` is alive and is a fugue master (by its process title)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # alive, not ours to read: do not take over
+    return cmdline.startswith(b"fugue master")
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_pid_file(path):
+    """Refuse to start over a live master; take over a stale pid file (and say so)."""
+    try:
+        pid = read_pid(path)
+    except FugueError as e:
+        if "does not contain a pid" in str(e):
+            log.warning("%s; replacing it", e)
+            return
+        raise
+    if pid is None:
+        return
+    if pid != os.getpid() and alive(pid) and is_fugue_master(pid):
+        raise FugueError(f"already running as pid {pid} (pid file {path})")
+    log.warning("stale pid file %s (pid %d is %s); taking over", path, pid,
+                "gone" if not alive(pid) else "not a fugue master")
+
+
+def write_pid(path, pid=None):
+    """Write the pid file atomically (write a temp file, rename it into place)."""
+    pid = os.getpid() if pid is None else pid
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{pid}\n")
+        os.rename(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise FugueError(f"cannot write pid file {path}: {e.strerror}") from None
+
+
+def remove_pid(path, pid=None):
+    """Remove `path` only if it still names `pid` (a new master may own it now)."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        if read_pid(path) == pid:
+            os.unlink(path)
+    except (FugueError, OSError):
+        pass
+
+
+# -- logs ----------------------------------------------------------------------
+
+def open_log(path):
+    """An O_APPEND descriptor for a log file (created 0640), close-on-exec."""
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise FugueError(f"log directory {parent} does not exist")
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as e:
+        raise FugueError(f"cannot open log file {path}: {e.strerror}") from None
+
+
+class Logs:
+    """The master's log (fd 1 and 2 of the master) and the workers' log descriptor.
+
+    Reopening (USR1) opens the files anew by name and dup2s them into place, so
+    logrotate's rename-then-signal works; the workers get the new descriptor
+    over their channels.
+    """
+
+    def __init__(self, log_file, master_log_file):
+        self.log_file = log_file
+        self.master_log_file = master_log_file or log_file
+        self.worker_fd = None
+        self._failed = False
+
+    def open(self):
+        """Open everything once, before daemonizing, so errors are shown to the user."""
+        if self.log_file:
+            self.worker_fd = open_log(self.log_file)
+        if self.master_log_file and self.master_log_file != self.log_file:
+            os.close(open_log(self.master_log_file))
+
+    def redirect_master(self):
+        """Point the master's stdout and stderr at its log file."""
+        if not self.master_log_file:
+            return
+        fd = open_log(self.master_log_file)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+    def reopen(self):
+        """USR1: reopen by name. Returns the new worker fd (or None); never raises."""
+        try:
+            self.redirect_master()
+            if self.log_file:
+                fd = open_log(self.log_file)
+                old, self.worker_fd = self.worker_fd, fd
+                if old is not None:
+                    os.close(old)
+            self._failed = False
+            return self.worker_fd
+        except FugueError as e:
+            if not self._failed:  # say it once, not on every USR1
+                log.error("cannot reopen logs: %s; keeping the old files", e)
+            self._failed = True
+            return None
+
+    def preserve(self):
+        return [self.worker_fd] if self.worker_fd is not None else []
+
+
+def setup_logging(verbose):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger("fugue")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+# -- daemonize -------------------------------------------------------------------
+
+def daemonize(preserve, umask):
+    """Fork; the parent waits on the ready pipe and exits; returns the write end in the daemon.
+
+    Called after the listeners are bound and everything the user could get wrong
+    has been checked, so the launcher's exit status tells the truth.
+    """
+    import daemon as pydaemon
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        _launcher_wait(r, pid)  # never returns
+    os.close(r)
+    ctx = pydaemon.DaemonContext(
+        working_directory="/",
+        umask=umask,
+        detach_process=True,
+        files_preserve=list(preserve) + [w],
+        signal_map={signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None},
+        stdin=None, stdout=None, stderr=None,
+        prevent_core=False,
+    )
+    # python-daemon would close stdout/stderr; keep them (the log redirect replaces them).
+    ctx.files_preserve.extend([0, 1, 2])
+    ctx.open()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return w
+
+
+def _launcher_wait(r, child):
+    chunks = []
+    while True:
+        try:
+            data = os.read(r, 4096)
+        except InterruptedError:
+            continue
+        if not data:
+            break
+        chunks.append(data)
+    try:
+        os.waitpid(child, 0)
+    except ChildProcessError:
+        pass
+    text = b"".join(chunks).decode(errors="replace").strip()
+    if text.startswith("ok"):
+        print(f"fugue: master running as pid {text.split()[1]}", file=sys.stderr)
+        os._exit(0)
+    reason = text[len("error "):] if text.startswith("error ") else (
+        text or "the master exited during start-up (see its log)")
+    print(f"fugue: {reason}", file=sys.stderr)
+    os._exit(1)
+
+
+def tell_launcher(fd, ok, text):
+    """Write the outcome to the launcher's ready pipe, once, and close it."""
+    if fd is None:
+        return None
+    try:
+        os.write(fd, f"{'ok' if ok else 'error'} {text}\n".encode())
+    except OSError as e:
+        if e.errno != errno.EPIPE:
+            raise
+    finally:
+        os.close(fd)
+    return None

@@ -1,0 +1,885 @@
+"""The master: owns the listeners, keeps the workers, replaces them and itself.
+
+Each pass of the loop is a checklist: reap -> signals -> decide -> act -> wait.
+`policy.decide` says what to do; this module does it and turns events (a
+worker's READY, its exit, a signal, a control command) into state.
+
+Generations: `generation` serves; during a reload `pending` is rolled out and
+promoted only when all its workers are READY; any failure before that stops the
+pending generation and the serving one goes on (rollback). At most two
+generations and two masters exist at any time.
+"""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+
+from . import notify, policy, protocol, workers
+from .errors import FugueError
+from .fds import Listener, close_listeners, peer_credentials, private_dir, recv_with_fds, send_with_fds
+from .loop import Loop
+from .policy import WorkerState
+
+log = logging.getLogger("fugue")
+
+SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+           signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGCHLD)
+
+
+class Worker:
+    """The master's record of one worker process."""
+
+    def __init__(self, pid, slot, generation, channel, now, foreign=False):
+        self.pid = pid
+        self.slot = slot
+        self.generation = generation
+        self.channel = channel
+        self.state = WorkerState.STARTING
+        self.started = now
+        self.started_wall = time.time()
+        self.last_beat = now
+        self.stop_deadline = None
+        self.reason = None          # why it failed, as the worker said
+        self.stats = {}
+        self.foreign = foreign
+        self.recycling = False
+
+    def view(self):
+        return policy.WorkerView(self.pid, self.slot, self.generation, self.state,
+                                 self.started, self.last_beat, self.stop_deadline)
+
+    def __str__(self):
+        return f"worker {self.slot} (pid {self.pid}, generation {self.generation})"
+
+
+class Refused(Exception):
+    """A command that cannot run now ('reload already in progress'); the text says why."""
+
+
+class Rollout:
+    """A generation being rolled out: by a reload, or the first one at start."""
+
+    def __init__(self, generation, source, now, initial=False):
+        self.generation = generation
+        self.source = source
+        self.started = now
+        self.initial = initial
+        self.waiters = []   # callables(ok, text), e.g. control clients
+
+
+class Upgrade:
+    """The USR2 handoff, old master's side."""
+
+    def __init__(self, pid, directory, server, now, deadline):
+        self.pid = pid
+        self.directory = directory
+        self.server = server
+        self.conn = None
+        self.started = now
+        self.deadline = deadline
+        self.reason = None
+        self.stepped_down = False
+        self.waiters = []
+
+
+class Master:
+    def __init__(self, cfg, listeners, target, identity, logs, ready_fd=None,
+                 handoff=None, first_generation=1, daemonized=False):
+        self.cfg = cfg
+        self.listeners = listeners
+        self.target = target
+        self.identity = identity
+        self.logs = logs
+        self.ready_fd = ready_fd
+        self.handoff = handoff          # new master: connection to the old one
+        self.old_master = int(os.environ.pop("FUGUE_UPGRADE_FROM", 0) or 0) if handoff else None
+        self.daemonized = daemonized
+        self.loop = Loop()
+        self.workers = {}               # pid -> Worker
+        self.target_count = cfg.workers
+        self.generation = first_generation - 1
+        self.rollout = None
+        self.upgrade = None
+        self.failures = {}              # slot -> consecutive early deaths
+        self.not_before = {}            # slot -> earliest respawn (monotonic)
+        self.stopping = None            # None, "graceful" or "quick"
+        self.stepped_down = False
+        self.exit_status = 0
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.last_event = None          # (what, ok, text, when) of the last reload/upgrade
+        self.pid_file = cfg.path("pid_file")
+        self.name = cfg.name or default_name(target)
+        self.run_dir = None
+        self.control = None
+        self.watcher = None
+        self.restarts = {}              # slot -> respawns after unexpected exits
+        self._worker_options = self._plain_options()
+
+    # -- setup --------------------------------------------------------------------
+
+    def _plain_options(self):
+        public = self.cfg.public()
+        return {k: v for k, v in public.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+
+    def _make_run_dir(self):
+        """tmp_path/fugue-<pid>: 0700, holds the control socket."""
+        tmp = self.cfg.path("tmp_path")
+        private_dir(tmp, "probe-")  # checks tmp_path is safe and writable
+        for name in os.listdir(tmp):
+            if name.startswith("probe-"):
+                shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+        path = os.path.join(tmp, f"fugue-{os.getpid()}")
+        shutil.rmtree(path, ignore_errors=True)  # a stale one from a reused pid
+        os.mkdir(path, 0o700)
+        self.run_dir = path
+
+    def setup(self):
+        """Everything that can fail before the loop starts; FugueError on failure."""
+        self._make_run_dir()
+        try:
+            import setproctitle
+
+            setproctitle.setproctitle(f"fugue master {self.name}")
+        except ImportError:
+            pass
+        if not self.handoff:
+            from .daemon import write_pid
+
+            write_pid(self.pid_file)
+        from . import control
+
+        self.control = control.ControlServer(self, os.path.join(self.run_dir, "control.sock"))
+        self.loop.add_reader(self.control.sock, self.control.accept)
+        if self.handoff is not None:
+            self.loop.add_reader(self.handoff, self._on_handoff_message)
+        if self.cfg.watch:
+            self._start_watcher()
+        if self.cfg.status_bind:
+            from . import status
+
+            self.status_server = status.StatusServer(self, self.cfg.status_bind)
+            self.loop.add_reader(self.status_server.sock, self.status_server.accept)
+
+    def _start_watcher(self):
+        from .watch import Watcher
+
+        paths = [os.path.join(self.cfg.start_dir, p) for p in self.cfg.watch_paths] or [self.app_dir()]
+        ignore = [p for p in (self.cfg.path("log_file"), self.cfg.path("master_log_file"),
+                              self.cfg.path("tmp_path"), self.pid_file) if p]
+        self.watcher = Watcher(paths, include=self.cfg.watch_include, exclude=self.cfg.watch_exclude,
+                               settle=self.cfg.watch_settle, ignore_paths=ignore)
+        self.watcher.start()
+        self.loop.add_reader(self.watcher.fileno(), self._on_watch)
+        self.watch_pending = False
+        log.info("watching %s for changes", ", ".join(paths))
+
+    def app_dir(self):
+        if "script" in self.target:
+            return os.path.dirname(self.target["script"])
+        return self.cfg.start_dir
+
+    # -- the loop -----------------------------------------------------------------
+
+    def run(self):
+        """Serve until stopped; returns the exit status."""
+        self.loop.install_signals(SIGNALS)
+        self.begin_rollout("start", initial=True)
+        try:
+            while True:
+                self.reap()
+                for signum in self.loop.pop_signals():
+                    self.handle_signal(signum)
+                if self.finished():
+                    break
+                deadline = self.step()
+                self.loop.wait(deadline)
+        finally:
+            self.shutdown()
+        return self.exit_status
+
+    def step(self):
+        """decide -> act, until decide has nothing more to do; returns the next deadline."""
+        for _ in range(4):
+            now = time.monotonic()
+            actions, deadline = policy.decide(self.snapshot(now))
+            if not actions:
+                break
+            for action in actions:
+                self.act(action, now)
+        deadlines = [d for d in (deadline, self._upgrade_deadline(), self._watch_deadline()) if d]
+        return min(deadlines, default=None)
+
+    def snapshot(self, now):
+        return policy.Snapshot(
+            now=now, workers=tuple(w.view() for w in self.workers.values()),
+            target=self.target_count, generation=self.generation,
+            pending=self.rollout.generation if self.rollout else None,
+            not_before=dict(self.not_before), stopping=self.stopping is not None,
+            ready_timeout=self.cfg.ready_timeout, timeout=self.cfg.timeout,
+            strategy=self.cfg.reload_strategy, batch=self.cfg.reload_batch)
+
+    def act(self, action, now):
+        if isinstance(action, policy.Spawn):
+            self.spawn_worker(action.slot, action.generation, now)
+        elif isinstance(action, policy.Stop):
+            w = self.workers.get(action.pid)
+            if w:
+                self.stop_worker(w, action.reason, now)
+        elif isinstance(action, policy.Kill):
+            w = self.workers.get(action.pid)
+            if w:
+                self.kill_worker(w, action.reason)
+        elif isinstance(action, policy.Promote):
+            self.promote(action.generation, now)
+
+    def finished(self):
+        if self.stopping is None:
+            return False
+        if self.upgrade is not None and not self.upgrade.stepped_down:
+            return False
+        return not self.workers
+
+    # -- workers ------------------------------------------------------------------
+
+    def spawn_worker(self, slot, generation, now):
+        parent, child = workers.channel_pair()
+        try:
+            if "command" in self.target:
+                argv = list(self.target["command"])
+                argv[0] = shutil.which(argv[0]) or argv[0]
+                env = workers.worker_env(slot, generation, "{}", child.fileno())
+                env["LISTEN_FDNAMES"] = ":".join(lst.name for lst in self.listeners)
+                pid = workers.spawn(argv, env, self.identity, self.cfg.working_path, self.logs.worker_fd,
+                                    [], child.fileno(), target=None,
+                                    foreign_fds=[lst.fileno() for lst in self.listeners], loop=self.loop)
+            else:
+                argv = workers.python_argv() + ["-m", "fugue._boot"]
+                env = workers.worker_env(slot, generation, json.dumps(self.target), child.fileno())
+                pid = workers.spawn(argv, env, self.identity, self.cfg.working_path, self.logs.worker_fd,
+                                    [], child.fileno(), target=self.target, loop=self.loop)
+        finally:
+            child.close()
+        w = Worker(pid, slot, generation, parent, now, foreign="command" in self.target)
+        self.workers[pid] = w
+        if w.foreign:
+            w.last_beat = float("inf")
+        else:
+            hello = protocol.encode(protocol.HELLO, worker_id=slot, generation=generation,
+                                    name=self.name, options=self._worker_options,
+                                    listeners=[lst.describe() for lst in self.listeners])
+            try:
+                send_with_fds(parent, hello, [lst.fileno() for lst in self.listeners])
+            except OSError as e:
+                log.error("%s: cannot send the listeners: %s", w, e)
+        parent.setblocking(False)
+        self.loop.add_reader(parent, lambda: self.on_channel(w))
+        log.debug("spawned %s", w)
+
+    def on_channel(self, w):
+        """Messages from one worker; EOF is handled by the reap."""
+        while True:
+            try:
+                data, fds = recv_with_fds(w.channel, protocol.MAX_FRAME, 4)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data, fds = b"", []
+            for fd in fds:  # workers send no descriptors; never leak one
+                os.close(fd)
+            if not data:
+                self.loop.remove_reader(w.channel)
+                return
+            try:
+                msg = protocol.decode(data)
+            except protocol.ProtocolError as e:
+                log.warning("%s sent a bad message: %s", w, e)
+                continue
+            self.handle_worker_message(w, msg)
+
+    def handle_worker_message(self, w, msg):
+        kind = msg["type"]
+        now = time.monotonic()
+        if kind == protocol.READY:
+            if w.state is WorkerState.STARTING:
+                w.state = WorkerState.READY
+                w.last_beat = now
+                log.info("%s ready", w)
+        elif kind == protocol.HEARTBEAT:
+            w.last_beat = now
+            if isinstance(msg.get("stats"), dict):
+                w.stats.update(msg["stats"])
+        elif kind == protocol.FAILED:
+            w.reason = str(msg.get("reason"))[:2000]
+        elif kind == protocol.DRAINING:
+            if w.state in policy.LIVE:
+                w.recycling = True
+                w.state = WorkerState.DRAINING
+                w.stop_deadline = now + self.cfg.graceful_timeout + policy.KILL_MARGIN
+                log.info("%s is recycling itself (%s)", w, msg.get("reason"))
+        elif kind == protocol.STATS_REPLY:
+            if isinstance(msg.get("stats"), dict):
+                w.stats.update(msg["stats"])
+            if self.control is not None:
+                self.control.stats_reply(w, msg)
+
+    def send(self, w, kind, fds=(), **fields):
+        try:
+            send_with_fds(w.channel, protocol.encode(kind, **fields), list(fds))
+            return True
+        except OSError:
+            return False
+
+    def stop_worker(self, w, reason, now):
+        """Graceful stop: the worker drains; SIGKILL after graceful_timeout."""
+        if w.state not in policy.LIVE:
+            return
+        w.state = WorkerState.DRAINING
+        w.stop_deadline = now + self.cfg.graceful_timeout + policy.KILL_MARGIN
+        log.info("stopping %s: %s", w, reason)
+        if w.foreign:
+            self._signal(w, workers.signal_name(self.cfg.stop_signal))
+        elif not self.send(w, protocol.STOP, graceful=True, reason=reason):
+            self._signal(w, signal.SIGTERM)
+
+    def kill_worker(self, w, reason):
+        if w.state is WorkerState.KILLED:
+            return
+        log.error("killing %s: %s", w, reason)
+        if w.state is WorkerState.STARTING and not w.reason:
+            w.reason = reason
+        was_pending = self.rollout is not None and w.generation == self.rollout.generation
+        w.state = WorkerState.KILLED
+        self._signal(w, signal.SIGKILL)
+        if was_pending:
+            self.rollback(f"{w} {reason}")
+
+    def _signal(self, w, signum):
+        try:
+            os.kill(w.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if self.upgrade is not None and pid == self.upgrade.pid:
+                self.upgrade_exited(status)
+                continue
+            w = self.workers.pop(pid, None)
+            if w is None:
+                log.warning("reaped unknown child pid %d (%s)", pid, workers.describe_status(status))
+                continue
+            self.worker_exited(w, status)
+
+    def worker_exited(self, w, status):
+        self.on_channel(w)  # read what it said last (FAILED, stats)
+        self.loop.remove_reader(w.channel)
+        w.channel.close()
+        now = time.monotonic()
+        desc = workers.describe_status(status)
+        what = f"{desc}: {w.reason}" if w.reason else desc
+        pending = self.rollout is not None and w.generation == self.rollout.generation
+        if w.state is WorkerState.DRAINING and (status == 0 or w.recycling or self.stopping):
+            log.info("%s stopped (%s)", w, desc)
+            return
+        if pending and w.state in policy.LIVE:
+            log.error("%s %s", w, what)
+            self.rollback(f"{w} {what}")
+            return
+        if w.state is WorkerState.KILLED:
+            log.info("%s killed", w)
+        elif w.state is WorkerState.DRAINING:
+            log.warning("%s stopped (%s)", w, what)
+            return
+        else:
+            log.error("%s %s", w, what)
+        if self.stopping or w.generation != self.generation:
+            return
+        failures = policy.next_failures(self.failures.get(w.slot, 0), now - w.started)
+        self.failures[w.slot] = failures
+        self.restarts[w.slot] = self.restarts.get(w.slot, 0) + 1
+        delay = policy.backoff_delay(failures)
+        self.not_before[w.slot] = now + delay
+        log.info("respawning worker %d in %.2fs (%d consecutive failure%s)",
+                 w.slot, delay, failures, "" if failures == 1 else "s")
+
+    # -- reload: rollout, promote, rollback -------------------------------------------
+
+    def begin_rollout(self, source, initial=False, waiter=None):
+        """Start a new generation (HUP, fuguectl reload, a watched change, or the start)."""
+        if self.stopping:
+            raise Refused("reload refused: the master is stopping")
+        if self.rollout is not None:
+            raise Refused(f"reload refused: generation {self.rollout.generation} is still starting")
+        if self.upgrade is not None:
+            raise Refused("reload refused: an upgrade is in progress")
+        if self.handoff is not None and not initial and self.old_master:
+            raise Refused("reload refused: the old master is still draining")
+        old = sorted({w.generation for w in self.workers.values()
+                      if w.state is not WorkerState.STARTING and w.generation != self.generation})
+        if old:
+            raise Refused(f"reload refused: generation {old[0]} is still draining")
+        gen = self.generation + 1
+        now = time.monotonic()
+        self.rollout = Rollout(gen, source, now, initial=initial)
+        if waiter:
+            self.rollout.waiters.append(waiter)
+        if not initial:
+            notify.send("RELOADING=1", f"STATUS=reloading: generation {gen}",
+                        f"MONOTONIC_USEC={int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)}")
+            log.info("reload (%s): starting generation %d", source, gen)
+        else:
+            log.info("starting generation %d: %d worker%s", gen, self.target_count,
+                     "" if self.target_count == 1 else "s")
+        self.failures.clear()
+        self.not_before.clear()
+
+    def promote(self, generation, now):
+        rollout, self.rollout = self.rollout, None
+        self.generation = generation
+        took = now - rollout.started
+        text = f"generation {generation} serving ({took:.2f}s)"
+        self.last_event = ("start" if rollout.initial else "reload", True, text, time.time())
+        log.info("%s: %s", "started" if rollout.initial else "reload done", text)
+        for waiter in rollout.waiters:
+            waiter(True, text)
+        if rollout.initial:
+            self.ready_fd = self._tell_launcher(True, str(os.getpid()))
+            if self.handoff is not None:
+                self._send_handoff(protocol.NEW_READY)
+            else:
+                notify.send("READY=1", f"MAINPID={os.getpid()}", f"STATUS={text}")
+        else:
+            notify.send("READY=1", f"STATUS={text}")
+        if self.watcher is not None and self.watch_pending:
+            self.watch_pending = False
+            self._reload_from_watch()
+
+    def rollback(self, reason):
+        """Stop the pending generation; the serving one goes on (or, at start, give up)."""
+        rollout, self.rollout = self.rollout, None
+        now = time.monotonic()
+        for w in list(self.workers.values()):
+            if w.generation != rollout.generation:
+                continue
+            if w.state is WorkerState.STARTING:
+                w.state = WorkerState.KILLED
+                self._signal(w, signal.SIGKILL)
+            elif w.state is WorkerState.READY:
+                self.stop_worker(w, f"generation {rollout.generation} rolled back", now)
+        if rollout.initial:
+            text = f"start failed: {reason}"
+            log.error("%s", text)
+            self.last_event = ("start", False, text, time.time())
+            self.ready_fd = self._tell_launcher(False, reason)
+            for waiter in rollout.waiters:
+                waiter(False, text)
+            self.exit_status = 1
+            self.fatal_reason = reason
+            self.begin_stop("quick")
+            return
+        text = f"reload failed: {reason}; generation {self.generation} keeps serving"
+        log.error("%s", text)
+        self.last_event = ("reload", False, text, time.time())
+        notify.send("READY=1", f"STATUS={text}")
+        for waiter in rollout.waiters:
+            waiter(False, text)
+
+    def _tell_launcher(self, ok, text):
+        from .daemon import tell_launcher
+
+        return tell_launcher(self.ready_fd, ok, text)
+
+    # -- watch mode -------------------------------------------------------------------
+
+    def _on_watch(self):
+        changed = self.watcher.take()
+        if not changed:
+            return
+        shown = ", ".join(os.path.relpath(p, self.cfg.start_dir) for p in changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        log.info("changed: %s%s", shown, more)
+        self.watch_pending = True
+        self._reload_from_watch()
+
+    def _watch_deadline(self):
+        if self.watcher is None or not self.watch_pending or self.rollout is not None:
+            return None
+        quiet = self.watcher.quiet_for()
+        if quiet >= self.cfg.watch_settle:
+            self._reload_from_watch()
+            return None
+        return time.monotonic() + (self.cfg.watch_settle - quiet)
+
+    def _reload_from_watch(self):
+        if self.rollout is not None or self.stopping:
+            return  # one more reload after the current one (promote/rollback re-checks)
+        if self.watcher.quiet_for() < self.cfg.watch_settle:
+            return  # files are still changing: _watch_deadline tries again
+        try:
+            self.begin_rollout("watch")
+            self.watch_pending = False
+        except Refused as e:
+            log.info("%s (will retry when possible)", e)
+
+    # -- upgrade: USR2 ------------------------------------------------------------------
+
+    def begin_upgrade(self, waiter=None):
+        """Exec a new master that takes the listeners over the temp-path socket."""
+        if self.stopping:
+            raise Refused("upgrade refused: the master is stopping")
+        if self.upgrade is not None:
+            raise Refused("upgrade refused: an upgrade is already in progress")
+        if self.rollout is not None:
+            raise Refused("upgrade refused: a reload is in progress")
+        if self.handoff is not None and self.old_master:
+            raise Refused("upgrade refused: the old master is still draining")
+        directory = private_dir(self.cfg.path("tmp_path"), "fugue-upgrade-")
+        path = os.path.join(directory, "handoff.sock")
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            server.bind(path)
+            os.chmod(path, 0o600)
+            server.listen(1)
+            server.setblocking(False)
+            env = dict(os.environ)
+            env["FUGUE_UPGRADE_SOCK"] = path
+            env["FUGUE_UPGRADE_FROM"] = str(os.getpid())
+            if notify.address():
+                env["NOTIFY_SOCKET"] = notify.address()
+            argv = [sys.executable] + list(getattr(sys, "orig_argv", sys.argv))[1:]
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    self.loop.forget_in_child()
+                    os.chdir(self.cfg.start_dir)
+                    os.execve(argv[0], argv, env)
+                finally:
+                    os._exit(127)
+        except BaseException:
+            server.close()
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        now = time.monotonic()
+        self.upgrade = Upgrade(pid, directory, server, now, now + self.cfg.ready_timeout + 10.0)
+        if waiter:
+            self.upgrade.waiters.append(waiter)
+        self.loop.add_reader(server, self._on_handoff_connect)
+        notify.send("RELOADING=1", "STATUS=upgrading: new master starting",
+                    f"MONOTONIC_USEC={int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)}")
+        log.info("upgrade: started new master pid %d", pid)
+
+    def _on_handoff_connect(self):
+        up = self.upgrade
+        try:
+            conn, _ = up.server.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        pid, uid, _ = peer_credentials(conn)
+        if up.conn is not None or pid != up.pid or uid != os.getuid():
+            log.warning("upgrade: refused a handoff connection from pid %d uid %d", pid, uid)
+            conn.close()
+            return
+        up.conn = conn
+        manifest = protocol.manifest([lst.describe() for lst in self.listeners], self.generation)
+        try:
+            send_with_fds(conn, manifest, [lst.fileno() for lst in self.listeners])
+        except OSError as e:
+            log.error("upgrade: cannot send the listeners: %s", e)
+        # The connection is made: nobody else needs the path any more.
+        self._remove_upgrade_path()
+        conn.setblocking(False)
+        self.loop.add_reader(conn, self._on_upgrade_message)
+        log.info("upgrade: listeners handed to pid %d", pid)
+
+    def _remove_upgrade_path(self):
+        up = self.upgrade
+        if up.server is not None:
+            self.loop.remove_reader(up.server)
+            up.server.close()
+            up.server = None
+        shutil.rmtree(up.directory, ignore_errors=True)
+
+    def _on_upgrade_message(self):
+        up = self.upgrade
+        try:
+            data = up.conn.recv(protocol.MAX_FRAME)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.loop.remove_reader(up.conn)
+            return
+        try:
+            msg = protocol.decode(data)
+        except protocol.ProtocolError as e:
+            log.warning("upgrade: bad message from the new master: %s", e)
+            return
+        if msg["type"] == protocol.FAILED:
+            up.reason = str(msg.get("reason"))[:2000]
+        elif msg["type"] == protocol.NEW_READY and not up.stepped_down:
+            self.step_down()
+
+    def step_down(self):
+        """The new master is ready: give it the pid file and drain our workers."""
+        up = self.upgrade
+        up.stepped_down = True
+        try:
+            os.replace(self.pid_file, self.pid_file + ".oldbin")
+        except OSError as e:
+            log.warning("upgrade: cannot rename the pid file: %s", e)
+        try:
+            up.conn.send(protocol.encode(protocol.STEPPED_DOWN))
+        except OSError:
+            pass
+        text = f"new master pid {up.pid} serving ({time.monotonic() - up.started:.2f}s)"
+        self.last_event = ("upgrade", True, text, time.time())
+        log.info("upgrade done: %s; this master drains and exits", text)
+        for waiter in up.waiters:
+            waiter(True, text)
+        up.waiters = []
+        self.stepped_down = True
+        self.begin_stop("graceful", handed_over=True)
+
+    def upgrade_exited(self, status):
+        up = self.upgrade
+        self.upgrade = None
+        desc = workers.describe_status(status)
+        if up.server is not None or not up.stepped_down:
+            if up.server is not None:
+                self.loop.remove_reader(up.server)
+                up.server.close()
+            shutil.rmtree(up.directory, ignore_errors=True)
+        if up.conn is not None:
+            self.loop.remove_reader(up.conn)
+            up.conn.close()
+        if not up.stepped_down:
+            text = (f"upgrade failed: new master pid {up.pid} {desc}"
+                    f"{': ' + up.reason if up.reason else ' (see the log above)'}; "
+                    f"pid {os.getpid()} keeps serving")
+            log.error("%s", text)
+            self.last_event = ("upgrade", False, text, time.time())
+            notify.send("READY=1", f"STATUS={text}")
+            for waiter in up.waiters:
+                waiter(False, text)
+            return
+        # The new master died after we handed over: take the service back.
+        log.error("new master pid %d %s after taking over; this master (pid %d) resumes serving",
+                  up.pid, desc, os.getpid())
+        try:
+            os.replace(self.pid_file + ".oldbin", self.pid_file)
+        except OSError:
+            from .daemon import write_pid
+
+            write_pid(self.pid_file)
+        self.stepped_down = False
+        self.stopping = None
+        self.exit_status = 0
+        notify.send("READY=1", f"MAINPID={os.getpid()}")
+        for w in self.workers.values():  # our draining workers keep their slots
+            if w.state is WorkerState.DRAINING and w.generation == self.generation:
+                w.state = WorkerState.READY if self.send(w, protocol.STOP, graceful=False, cancel=True) else w.state
+
+    def _upgrade_deadline(self):
+        up = self.upgrade
+        if up is None or up.stepped_down:
+            return None
+        if time.monotonic() >= up.deadline:
+            log.error("upgrade: new master pid %d not ready after %.0fs; killing it",
+                      up.pid, up.deadline - up.started)
+            up.reason = up.reason or f"not ready after {up.deadline - up.started:.0f}s"
+            try:
+                os.kill(up.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return None
+        return up.deadline
+
+    # new master's side ----------------------------------------------------------------
+
+    def _send_handoff(self, kind, **fields):
+        try:
+            self.handoff.send(protocol.encode(kind, **fields))
+        except OSError:
+            self._take_over("the old master is gone")
+
+    def _on_handoff_message(self):
+        try:
+            data = self.handoff.recv(protocol.MAX_FRAME)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.loop.remove_reader(self.handoff)
+            if self.old_master:
+                self._take_over(f"old master pid {self.old_master} exited")
+            return
+        try:
+            msg = protocol.decode(data)
+        except protocol.ProtocolError:
+            return
+        if msg["type"] == protocol.STEPPED_DOWN:
+            from .daemon import write_pid
+
+            write_pid(self.pid_file)
+            notify.send(f"MAINPID={os.getpid()}", "READY=1",
+                        f"STATUS=generation {self.generation} serving (upgraded)")
+            log.info("upgrade: took over from pid %d; pid file written", self.old_master)
+
+    def _take_over(self, why):
+        """The old master is gone: we are the only one now."""
+        if self.old_master is None:
+            return
+        log.info("%s", why)
+        old, self.old_master = self.old_master, None
+        self.handoff.close()
+        self.handoff_done = True
+        from .daemon import read_pid, write_pid
+
+        try:
+            current = read_pid(self.pid_file)
+        except FugueError:
+            current = None
+        if current != os.getpid() and self.rollout is None:
+            write_pid(self.pid_file)
+            notify.send(f"MAINPID={os.getpid()}", "READY=1")
+        del old
+
+    # -- signals and commands -------------------------------------------------------------
+
+    def handle_signal(self, signum):
+        name = signal.Signals(signum).name
+        if signum == signal.SIGCHLD:
+            return
+        log.debug("signal %s", name)
+        if signum in (signal.SIGTERM, signal.SIGQUIT):
+            self.begin_stop("graceful")
+        elif signum == signal.SIGINT:
+            self.begin_stop("quick")
+        elif signum == signal.SIGHUP:
+            self._refusable(lambda: self.begin_rollout("HUP"))
+        elif signum == signal.SIGUSR2:
+            self._refusable(self.begin_upgrade)
+        elif signum == signal.SIGUSR1:
+            self.reopen_logs()
+        elif signum == signal.SIGTTIN:
+            self.scale(self.target_count + 1)
+        elif signum == signal.SIGTTOU:
+            self.scale(self.target_count - 1)
+        elif signum == signal.SIGWINCH:
+            if self.daemonized:
+                log.info("WINCH: stopping all workers; the master keeps the sockets (TTIN or HUP to resume)")
+                self.scale(0)
+            else:
+                log.debug("WINCH ignored: not daemonized")
+
+    def _refusable(self, fn):
+        try:
+            fn()
+        except Refused as e:
+            log.warning("%s", e)
+        except FugueError as e:
+            log.error("%s", e)
+
+    def scale(self, count):
+        count = max(0, count)
+        if count != self.target_count:
+            log.info("workers: %d -> %d", self.target_count, count)
+        self.target_count = count
+        for slot in list(self.not_before):
+            if slot > count:
+                self.not_before.pop(slot, None)
+
+    def reopen_logs(self):
+        fd = self.logs.reopen()
+        log.info("reopened log files")
+        if fd is None:
+            return
+        for w in self.workers.values():
+            if not w.foreign:
+                self.send(w, protocol.REOPEN, fds=[fd])
+
+    def begin_stop(self, how, handed_over=False):
+        if self.stopping == "quick" or (self.stopping == how):
+            return
+        self.stopping = how
+        if not handed_over:
+            notify.send("STOPPING=1")
+            log.info("%s stop", how)
+        if self.upgrade is not None and not self.upgrade.stepped_down:
+            try:
+                os.kill(self.upgrade.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if how == "quick":
+            for w in self.workers.values():
+                w.state = WorkerState.KILLED
+                self._signal(w, signal.SIGKILL)
+
+    # -- exit ------------------------------------------------------------------------------
+
+    def shutdown(self):
+        from .daemon import remove_pid
+
+        if self.ready_fd is not None:
+            self.ready_fd = self._tell_launcher(False, getattr(self, "fatal_reason", "the master stopped"))
+        for w in list(self.workers.values()):
+            self._signal(w, signal.SIGKILL)
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.control is not None:
+            self.control.close()
+        close_listeners(self.listeners, unlink=not self.stepped_down)
+        if self.stepped_down:
+            remove_pid(self.pid_file + ".oldbin")
+        else:
+            remove_pid(self.pid_file)
+        if self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.loop.close()
+        log.info("master exiting (status %d)", self.exit_status)
+
+
+def default_name(target):
+    """hello.py -> hello; module pkg.app -> pkg.app; a command -> its program's name."""
+    if "script" in target:
+        return os.path.splitext(os.path.basename(target["script"]))[0]
+    if "command" in target:
+        return os.path.basename(target["command"][0])
+    return target.get("module") or target.get("app") or "fugue"
+
+
+def connect_handoff(path):
+    """New master: fetch the listeners from the old master over the temp-path socket."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(30)
+    try:
+        sock.connect(path)
+        pid, uid, _ = peer_credentials(sock)
+        expected = int(os.environ.get("FUGUE_UPGRADE_FROM", 0) or 0)
+        if uid != os.getuid() or (expected and pid != expected):
+            raise FugueError(f"handoff socket {path} belongs to pid {pid} uid {uid}, not our old master")
+        data, fds = recv_with_fds(sock, protocol.MAX_FRAME)
+        msg = protocol.decode(data)
+        items = protocol.check_manifest(msg, len(fds))
+    except (OSError, protocol.ProtocolError) as e:
+        sock.close()
+        raise FugueError(f"upgrade: cannot take the listeners from the old master: {e}") from None
+    listeners = [Listener(socket.socket(fileno=fd), item["name"], item.get("spec", item["name"]))
+                 for fd, item in zip(fds, items)]
+    sock.settimeout(None)
+    sock.setblocking(False)
+    return sock, listeners, int(msg.get("generation") or 0) + 1

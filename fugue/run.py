@@ -1,0 +1,93 @@
+"""Starting a master: the ordered steps from a validated Config to a running loop.
+
+Who calls it: fugue.start and fuguectl start. Everything a user can get wrong
+is checked before daemonizing, so it is reported on the terminal as one line;
+whatever was created is removed again on any failure.
+"""
+
+import logging
+import os
+import sys
+
+from . import notify
+from .daemon import Logs, check_pid_file, daemonize, setup_logging, tell_launcher
+from .errors import FugueError
+from .fds import close_listeners, open_listeners, systemd_listeners
+from .workers import Identity
+
+log = logging.getLogger("fugue")
+
+
+def check_paths(cfg):
+    working = cfg.working_path if os.path.isabs(cfg.working_path) else cfg.path("working_path")
+    if not os.path.isdir(working):
+        raise FugueError(f"working_path {working} does not exist or is not a directory")
+    tmp = cfg.path("tmp_path")
+    if not os.path.isdir(tmp):
+        raise FugueError(f"tmp_path {tmp} does not exist or is not a directory")
+    if not os.access(tmp, os.W_OK | os.X_OK):
+        raise FugueError(f"tmp_path {tmp} is not writable")
+    pid_dir = os.path.dirname(cfg.path("pid_file"))
+    if not os.path.isdir(pid_dir):
+        raise FugueError(f"pid file directory {pid_dir} does not exist")
+    return cfg.replace(working_path=working)
+
+
+def run_master(cfg, target):
+    """Bind (or adopt, or take over on upgrade), daemonize, run the loop. Returns the exit status."""
+    from .master import Master, connect_handoff
+
+    setup_logging(cfg.verbose)
+    logging.raiseExceptions = False  # a full disk must not turn log lines into tracebacks
+    cfg = check_paths(cfg)
+    identity = Identity(cfg.uid, cfg.gid)
+    logs = Logs(cfg.path("log_file"), cfg.path("master_log_file"))
+    logs.open()
+    upgrade_path = os.environ.pop("FUGUE_UPGRADE_SOCK", None)
+    handoff = None
+    first_generation = 1
+    if upgrade_path:
+        handoff, listeners, first_generation = connect_handoff(upgrade_path)
+    else:
+        check_pid_file(cfg.path("pid_file"))
+        listeners = systemd_listeners()
+        if not listeners:
+            if not cfg.bind:
+                raise FugueError("nothing to listen on: give a port, a Unix socket path or --bind")
+            listeners = open_listeners(cfg.bind, cfg.backlog)
+    ready_fd = None
+    master = None
+    try:
+        if cfg.daemonize and not upgrade_path:
+            preserve = [lst.fileno() for lst in listeners] + logs.preserve()
+            ready_fd = daemonize(preserve, cfg.umask)
+        elif cfg.daemonize:
+            os.umask(cfg.umask)
+        logs.redirect_master()
+        notify.claim()
+        master = Master(cfg, listeners, target, identity, logs, ready_fd=ready_fd, handoff=handoff,
+                        first_generation=first_generation, daemonized=cfg.daemonize)
+        import fugue
+
+        fugue._master = master
+        master.setup()
+        ready_fd = None  # the master owns it now
+        status = master.run()
+        if status and getattr(master, "fatal_reason", None) and not cfg.daemonize:
+            raise FugueError(f"start failed: {master.fatal_reason}")
+        return status
+    except FugueError as e:
+        if ready_fd is not None:
+            tell_launcher(ready_fd, False, str(e))
+        if master is None or master.run_dir is None:
+            close_listeners(listeners, unlink=not upgrade_path)
+        if master is not None and master.control is None:
+            from .daemon import remove_pid
+
+            remove_pid(cfg.path("pid_file"))
+        if cfg.daemonize and not upgrade_path:
+            log.error("%s", e)
+            os._exit(e.status)
+        raise
+    finally:
+        sys.stdout.flush()

@@ -1,0 +1,347 @@
+"""Inside a worker: receive the listeners, load the app, run its adapter.
+
+Who calls it: `python -m fugue._boot` (exec'd by the master) calls `main()`.
+It has already dropped privileges and chdir'd (done between fork and exec), so
+no application code ever runs as root. The channel to the master is a
+SOCK_SEQPACKET socket: HELLO (with the listeners) arrives first, then STOP,
+REOPEN, STATS, CONN. EOF on it means the master is gone: drain and exit.
+"""
+
+import json
+import logging
+import os
+import runpy
+import signal
+import socket
+import sys
+import time
+import traceback
+
+from . import protocol
+from .adapters.base import Stats, WorkerContext
+from .fds import recv_with_fds
+from .workers import ENV_CHANNEL, ENV_GENERATION, ENV_TARGET, ENV_WORKER_ID
+
+log = logging.getLogger("fugue")
+
+# The one runtime of this process, or None in the master and outside fugue.
+current = None
+
+
+class WorkerExit(SystemExit):
+    pass
+
+
+class Runtime(WorkerContext):
+    """The worker side of the channel; the adapter's view of fugue."""
+
+    def __init__(self, channel, hello, listeners):
+        self.channel = channel
+        self.worker_id = hello["worker_id"]
+        self.generation = hello["generation"]
+        self.options = dict(hello.get("options") or {})
+        self.listener_names = [item["name"] for item in hello.get("listeners", [])]
+        self.listeners = listeners
+        self.stats = Stats()
+        timeout = float(self.options.get("timeout") or 30.0)
+        self.tick_interval = max(0.05, min(timeout / 3.0, 10.0))
+        self.graceful_timeout = float(self.options.get("graceful_timeout") or 30.0)
+        self.draining = False
+        self.graceful_deadline = None
+        self.adapter = None
+        self.master_gone = False
+        self._next_beat = 0.0
+        self._serving = False
+        self._ready_sent = False
+        self._app_ready = not self.options.get("wait_ready")
+        self._takedown = []
+        self._pending_stop = None
+        self._sig_r, self._sig_w = socket.socketpair()
+        self._sig_r.setblocking(False)
+        self._sig_w.setblocking(False)
+        self.channel.setblocking(False)
+        self._max_requests = int(self.options.get("max_requests") or 0)
+        if self._max_requests:
+            import random
+
+            self._max_requests += random.randint(0, int(self.options.get("max_requests_jitter") or 0))
+        self._max_memory = int(self.options.get("max_memory") or 0)
+
+    # -- what adapters call -------------------------------------------------
+
+    def wake_fds(self):
+        return [self.channel.fileno(), self._sig_r.fileno()]
+
+    def serving(self):
+        self._serving = True
+        self._maybe_ready()
+
+    def tick(self):
+        now = time.monotonic()
+        if now < self._next_beat or self.master_gone:
+            return
+        self._next_beat = now + self.tick_interval
+        self._send(protocol.HEARTBEAT, stats=self._small_stats())
+        if not self.draining and self._should_recycle():
+            self.begin_drain("recycling")
+
+    def log(self, message):
+        log.info(message)
+
+    def dispatch(self):
+        """Deliver signals and master messages to the adapter (on the adapter's thread)."""
+        try:
+            while self._sig_r.recv(64):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        if self._pending_stop:
+            kind, self._pending_stop = self._pending_stop, None
+            self._stop(kind)
+        while not self.master_gone:
+            try:
+                data, fds = recv_with_fds(self.channel, protocol.MAX_FRAME, 4)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                self.master_gone = True
+                self._stop("graceful", "the master is gone")
+                break
+            try:
+                msg = protocol.decode(data)
+            except protocol.ProtocolError as e:
+                for fd in fds:
+                    os.close(fd)
+                log.warning("ignoring a bad message from the master: %s", e)
+                continue
+            self._handle(msg, fds)
+
+    # -- app-facing (fugue.ready, fugue.on_takedown, fugue.stats) -----------
+
+    def app_ready(self):
+        self._app_ready = True
+        self._maybe_ready()
+
+    def on_takedown(self, fn):
+        self._takedown.append(fn)
+
+    # -- internals ----------------------------------------------------------
+
+    def _maybe_ready(self):
+        if self._serving and self._app_ready and not self._ready_sent:
+            self._ready_sent = True
+            self._send(protocol.READY, pid=os.getpid())
+            self.tick()
+
+    def _should_recycle(self):
+        if self._max_requests and self.stats.requests >= self._max_requests:
+            return True
+        if self._max_memory:
+            try:
+                with open(f"/proc/{os.getpid()}/statm") as f:
+                    rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, ValueError, IndexError):
+                return False
+            return rss > self._max_memory
+        return False
+
+    def begin_drain(self, why):
+        """Recycle ourselves: the master refills the slot once we exit."""
+        self._send(protocol.DRAINING, reason=why)
+        self._stop("graceful", why)
+
+    def _small_stats(self):
+        snap = self.stats.snapshot()
+        snap.pop("current", None)
+        return snap
+
+    def _handle(self, msg, fds):
+        kind = msg["type"]
+        if kind == protocol.STOP:
+            self._stop("graceful" if msg.get("graceful", True) else "quick", msg.get("reason"))
+        elif kind == protocol.REOPEN and fds:
+            os.dup2(fds[0], 1)
+            os.dup2(fds[0], 2)
+        elif kind == protocol.STATS:
+            snap = self.stats.snapshot()
+            self._send(protocol.STATS_REPLY, seq=msg.get("seq"), stats=snap)
+        elif kind == protocol.CONN and fds:
+            sock = socket.socket(fileno=fds.pop(0))
+            if self.adapter is not None and self.adapter.takes_connections and not self.draining:
+                self.adapter.take_connection(sock, msg.get("info") or {})
+            else:
+                sock.close()
+        for fd in fds:
+            os.close(fd)
+
+    def _stop(self, kind, why=None):
+        if kind == "quick":
+            if self.adapter is not None:
+                self.adapter.quick_stop()
+            return
+        if self.draining:
+            return
+        self.draining = True
+        self.graceful_deadline = time.monotonic() + self.graceful_timeout
+        if why:
+            log.info("draining: %s", why)
+        for fn in self._takedown:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - an app callback must not wedge the drain
+                log.exception("on_takedown callback failed")
+        if self.adapter is not None:
+            self.adapter.begin_drain()
+
+    def _on_signal(self, signum, frame):
+        self._pending_stop = "quick" if signum == signal.SIGINT else "graceful"
+        try:
+            self._sig_w.send(b"\0")
+        except OSError:
+            pass
+
+    def _send(self, kind, **fields):
+        if self.master_gone:
+            return
+        try:
+            self.channel.send(protocol.encode(kind, **fields))
+        except (BlockingIOError, InterruptedError):
+            pass  # the master is not reading; a heartbeat will follow
+        except OSError:
+            self.master_gone = True
+
+    def fail(self, reason):
+        """Tell the master why this worker cannot start, then exit 1."""
+        self._send(protocol.FAILED, reason=reason)
+        log.error("worker failed to start: %s", reason)
+        raise WorkerExit(1)
+
+
+def describe_exception(exc):
+    """One line: 'SyntaxError: invalid syntax (app.py, line 12)'."""
+    if isinstance(exc, SyntaxError):
+        where = f" ({os.path.basename(exc.filename or '?')}, line {exc.lineno})"
+        return f"{type(exc).__name__}: {exc.msg}{where}"
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = ""
+    for frame in reversed(tb):
+        if "/fugue/" not in frame.filename and "runpy" not in frame.filename and "importlib" not in frame.filename:
+            where = f" ({os.path.basename(frame.filename)}, line {frame.lineno})"
+            break
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}{where}" if text else f"{type(exc).__name__}{where}"
+
+
+def _setup_logging(worker_id, name):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s [%(process)d] [worker {worker_id}] %(levelname)s %(message)s"))
+    root = logging.getLogger("fugue")
+    root.handlers[:] = [handler]
+    root.propagate = False
+
+
+def resolve(spec):
+    """'module:attr.sub' -> the object."""
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split(".") if attr else []:
+        obj = getattr(obj, part)
+    return obj
+
+
+def serve(target, local_options=None):
+    """Run `target` in this worker until it is stopped. Called by fugue.start in a worker."""
+    rt = current
+    opts = dict(rt.options)
+    opts.update({k: v for k, v in (local_options or {}).items() if callable(v)})
+    check = opts.get("startup_check")
+    if check:
+        try:
+            fn = resolve(check) if isinstance(check, str) else check
+            fn()
+        except Exception as e:  # noqa: BLE001 - any failure of the check fails the worker
+            rt.fail(f"startup_check failed: {describe_exception(e)}")
+    from .adapters import pick
+
+    try:
+        adapter = pick(target, opts)
+    except Exception as e:  # noqa: BLE001
+        rt.fail(str(e))
+    rt.adapter = adapter
+    adapter.run(rt)
+    raise WorkerExit(0)
+
+
+def main():
+    global current
+    fd = int(os.environ.pop(ENV_CHANNEL))
+    target = json.loads(os.environ.pop(ENV_TARGET, "{}"))
+    channel = socket.socket(fileno=fd)
+    channel.set_inheritable(False)
+    channel.settimeout(30)
+    try:
+        data, fds = recv_with_fds(channel, protocol.MAX_FRAME)
+        hello = protocol.decode(data)
+    except (OSError, protocol.ProtocolError) as e:
+        print(f"fugue worker: no hello from the master: {e}", file=sys.stderr)
+        os._exit(1)
+    listeners = [socket.socket(fileno=f) for f in fds]
+    rt = Runtime(channel, hello, listeners)
+    current = rt
+    _setup_logging(rt.worker_id, hello.get("name") or "")
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(f"fugue worker {rt.worker_id} {hello.get('name') or ''}".rstrip())
+    except ImportError:
+        pass
+    for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
+        signal.signal(sig, rt._on_signal)
+    for sig in (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    status = 0
+    try:
+        if "app" in target:
+            try:
+                obj = resolve(target["app"])
+            except Exception as e:  # noqa: BLE001 - the reason goes to the master
+                rt.fail(describe_exception(e))
+            serve(obj)
+        elif "script" in target:
+            sys.argv = list(target.get("argv") or [target["script"]])
+            sys.path.insert(0, os.path.dirname(target["script"]))
+            try:
+                runpy.run_path(target["script"], run_name="__main__")
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as e:  # noqa: BLE001 - SyntaxError, ImportError, anything
+                traceback.print_exc()
+                rt.fail(describe_exception(e))
+            rt.fail("the script returned without calling fugue.start()")
+        elif "module" in target:
+            sys.argv = [target["module"]] + list(target.get("argv") or [])[1:]
+            try:
+                runpy.run_module(target["module"], run_name="__main__", alter_sys=True)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as e:  # noqa: BLE001
+                traceback.print_exc()
+                rt.fail(describe_exception(e))
+            rt.fail(f"module {target['module']} returned without calling fugue.start()")
+        else:
+            rt.fail(f"unknown worker target {target!r}")
+    except WorkerExit as e:
+        status = e.code
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not rt._ready_sent and status:
+            rt._send(protocol.FAILED, reason=f"the app exited with status {status} before it was ready")
+    finally:
+        sys.stdout.flush() if sys.stdout else None
+        sys.stderr.flush() if sys.stderr else None
+    os._exit(status or 0)

@@ -1,0 +1,223 @@
+"""Spawning, signalling and describing worker processes.
+
+Workers are fresh interpreters (fork + exec, never a bare fork), so a new
+generation runs the code now on disk. Between fork and exec the child drops
+gid then uid, chdirs, points stdout/stderr at the log, and checks that the
+dropped user can read the interpreter, fugue and the app: if not, it says so
+over its channel in one line and exits, instead of crash-looping on an
+ImportError nobody can read.
+"""
+
+import grp
+import os
+import pwd
+import signal
+import socket
+import sys
+
+from . import protocol
+from .errors import FugueError
+
+# Set in the child so fugue.start knows it is a worker, and how to reach the master.
+ENV_CHANNEL = "FUGUE_CHANNEL_FD"
+ENV_WORKER_ID = "FUGUE_WORKER_ID"
+ENV_GENERATION = "FUGUE_GENERATION"
+ENV_TARGET = "FUGUE_TARGET"
+# Never inherited by workers: they belong to the master.
+MASTER_ONLY_ENV = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+                   "FUGUE_UPGRADE_SOCK", "FUGUE_UPGRADE_FROM", "FUGUE_READY_FD")
+
+
+class Identity:
+    """The uid/gid workers run as, resolved once in the master (errors are FugueErrors)."""
+
+    def __init__(self, uid=None, gid=None):
+        self.uid = self.gid = None
+        self.user = None
+        if uid is not None:
+            try:
+                ent = pwd.getpwuid(uid) if isinstance(uid, int) else pwd.getpwnam(uid)
+            except KeyError:
+                if isinstance(uid, int):
+                    ent = None
+                else:
+                    raise FugueError(f"unknown user {uid!r}") from None
+            self.uid = ent.pw_uid if ent else uid
+            self.user = ent.pw_name if ent else str(uid)
+            if gid is None and ent:
+                gid = ent.pw_gid
+        if gid is not None:
+            try:
+                self.gid = gid if isinstance(gid, int) else grp.getgrnam(gid).gr_gid
+            except KeyError:
+                raise FugueError(f"unknown group {gid!r}") from None
+        changes = (self.uid is not None and self.uid != os.getuid()) or (
+            self.gid is not None and self.gid != os.getgid())
+        if changes and os.geteuid() != 0:
+            raise FugueError("uid/gid need fugue to be started as root "
+                             f"(running as uid {os.geteuid()})")
+
+    def describe(self):
+        return self.user or (str(self.uid) if self.uid is not None else pwd.getpwuid(os.getuid()).pw_name)
+
+    def apply(self):
+        """In the child: drop gid, then supplementary groups, then uid."""
+        if self.gid is not None:
+            os.setgid(self.gid)
+        if os.geteuid() == 0 and (self.uid is not None or self.gid is not None):
+            if self.user and self.gid is not None:
+                os.initgroups(self.user, self.gid)
+            else:
+                os.setgroups([self.gid] if self.gid is not None else [])
+        if self.uid is not None:
+            os.setuid(self.uid)
+
+
+def python_argv():
+    """The interpreter and its own flags, as this process was started (for exec)."""
+    argv = [sys.executable]
+    orig = list(getattr(sys, "orig_argv", []))[1:]
+    # Keep interpreter options (-X, -W, -u, -O ...) that precede the script or -m.
+    i = 0
+    while i < len(orig) and orig[i].startswith("-") and orig[i] not in ("-m", "-c", "-"):
+        argv.append(orig[i])
+        if orig[i] in ("-X", "-W") and i + 1 < len(orig):
+            argv.append(orig[i + 1])
+            i += 1
+        i += 1
+    return argv
+
+
+def worker_env(slot, generation, target_json, channel_fd, extra=None):
+    env = {k: v for k, v in os.environ.items() if k not in MASTER_ONLY_ENV}
+    env[ENV_CHANNEL] = str(channel_fd)
+    env[ENV_WORKER_ID] = str(slot)
+    env[ENV_GENERATION] = str(generation)
+    env[ENV_TARGET] = target_json
+    env.update(extra or {})
+    return env
+
+
+def _readable_paths(target):
+    """Files the dropped user must be able to read for a Python worker to start."""
+    import fugue
+
+    paths = [os.path.join(os.path.dirname(fugue.__file__), "_boot.py")]
+    script = target.get("script")
+    if script:
+        paths.append(script)
+    return paths
+
+
+def spawn(argv, env, identity, working_path, stdout_fd, pass_fds, child_fd,
+          target=None, foreign_fds=None, loop=None):
+    """Fork and exec one worker; return its pid. Never returns in the child.
+
+    `child_fd` (the worker's end of its channel) stays open across exec for a
+    Python worker. `foreign_fds`, for a foreign command, are dup2'd to 3, 4, ...
+    with LISTEN_FDS/LISTEN_PID set to the child's own pid.
+    """
+    pid = os.fork()
+    if pid:
+        return pid
+    # Child: only exec or _exit from here on.
+    status = 127
+    try:
+        if loop is not None:
+            loop.forget_in_child()
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
+        if stdout_fd is not None:
+            os.dup2(stdout_fd, 1)
+            os.dup2(stdout_fd, 2)
+        identity.apply()
+        try:
+            os.chdir(working_path)
+        except OSError as e:
+            raise _ChildError(f"cannot chdir to {working_path} as user {identity.describe()}: "
+                              f"{e.strerror}") from None
+        if not os.access(argv[0], os.X_OK):
+            raise _ChildError(f"user {identity.describe()} cannot execute {argv[0]}: the "
+                              "interpreter, fugue and the app must be readable by the workers' user")
+        for path in _readable_paths(target or {}) if target is not None else ():
+            if not os.access(path, os.R_OK):
+                raise _ChildError(f"user {identity.describe()} cannot read {path}: the interpreter, "
+                                  "fugue and the app must be readable by the workers' user")
+        if foreign_fds is not None:
+            _place_listen_fds(foreign_fds, env, keep=child_fd)
+        elif child_fd is not None:
+            os.set_inheritable(child_fd, True)
+        for fd in pass_fds:
+            os.set_inheritable(fd, True)
+        os.execve(argv[0], argv, env)
+    except _ChildError as e:
+        _tell(child_fd, str(e))
+        status = 126
+    except OSError as e:
+        _tell(child_fd, f"cannot start worker {argv[0]!r}: {e.strerror}")
+    except BaseException as e:  # noqa: BLE001 - the child must always _exit
+        _tell(child_fd, f"cannot start worker: {e!r}")
+    finally:
+        os._exit(status)
+
+
+class _ChildError(Exception):
+    pass
+
+
+def _tell(fd, reason):
+    if fd is None:
+        try:
+            os.write(2, f"fugue: {reason}\n".encode())
+        except OSError:
+            pass
+        return
+    try:
+        os.write(fd, protocol.encode(protocol.FAILED, reason=reason))
+    except OSError:
+        pass
+
+
+def _place_listen_fds(fds, env, keep):
+    """dup2 the listeners to 3.. for a foreign command (sd_listen_fds convention)."""
+    n = len(fds)
+    # Move everything out of the way first so dup2 never clobbers a source.
+    high = [os.dup(fd) for fd in fds]
+    keep_high = os.dup(keep) if keep is not None else None
+    for i, fd in enumerate(high):
+        os.dup2(fd, 3 + i, inheritable=True)
+    if keep_high is not None:
+        os.dup2(keep_high, 3 + n, inheritable=True)
+        env["FUGUE_CHANNEL_FD"] = str(3 + n)
+    env["LISTEN_FDS"] = str(n)
+    env["LISTEN_PID"] = str(os.getpid())
+
+
+def channel_pair():
+    """(master end, worker end): a SOCK_SEQPACKET pair, both close-on-exec."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def describe_status(status):
+    """waitpid status -> 'exited with status 1' / 'killed by SIGKILL'."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"killed by {name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+def signal_name(value):
+    """'TERM', 'SIGTERM' or '15' -> signal number; FugueError otherwise."""
+    text = str(value).upper()
+    if text.isdigit():
+        return int(text)
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return signal.Signals[text].value
+    except KeyError:
+        raise FugueError(f"unknown signal {value!r}") from None
