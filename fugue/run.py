@@ -23,6 +23,11 @@ def check_paths(cfg):
     if not os.path.isdir(working):
         raise FugueError(f"working_path {working} does not exist or is not a directory")
     tmp = cfg.path("tmp_path")
+    if cfg.tmp_path == "tmp" and not os.path.lexists(tmp):
+        try:
+            os.mkdir(tmp, 0o700)  # the default, as the original fugue: ./tmp
+        except OSError as e:
+            raise FugueError(f"cannot create tmp_path {tmp}: {e.strerror}") from None
     if not os.path.isdir(tmp):
         raise FugueError(f"tmp_path {tmp} does not exist or is not a directory")
     if not os.access(tmp, os.W_OK | os.X_OK):

@@ -260,6 +260,8 @@ class Watcher:
         directory, when it appears, finds them; this is not polling.
         """
         found = set()
+        if self._paused:
+            return found
         new_dirs = [p for p in added if self._dir_counts(p) and os.path.isdir(p)]
         for top in new_dirs:
             if any(_under(top, o) and top != o for o in new_dirs):

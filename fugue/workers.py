@@ -94,6 +94,13 @@ def worker_env(slot, generation, target_json, channel_fd, extra=None):
     env[ENV_WORKER_ID] = str(slot)
     env[ENV_GENERATION] = str(generation)
     env[ENV_TARGET] = target_json
+    # The worker must import the same fugue as the master, installed or not.
+    import fugue
+
+    home = os.path.dirname(os.path.dirname(os.path.abspath(fugue.__file__)))
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if home not in paths:
+        env["PYTHONPATH"] = os.pathsep.join([home] + paths)
     env.update(extra or {})
     return env
 
