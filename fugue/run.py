@@ -60,6 +60,8 @@ def run_master(cfg, target):
             if not cfg.bind:
                 raise FugueError("nothing to listen on: give a port, a Unix socket path or --bind")
             listeners = open_listeners(cfg.bind, cfg.backlog)
+    for lst in listeners:
+        log.info("listening on %s (%s)", lst.describe()["address"], lst.name)
     ready_fd = None
     master = None
     try:
