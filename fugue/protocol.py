@@ -17,12 +17,14 @@ STOP = "stop"            # {"graceful": bool}
 REOPEN = "reopen"        # + new log descriptor (stdout and stderr)
 STATS = "stats"          # {"seq": n}: answer with STATS_REPLY
 CONN = "conn"            # + one accepted connection (routed mode)
+STATUS = "status"        # {"seq", "data"}: the aggregate a worker asked for (fugue.server_status)
 # worker -> master
 READY = "ready"
 HEARTBEAT = "hb"         # {"stats": {...}}
 STATS_REPLY = "stats_reply"
 FAILED = "failed"        # {"reason": "..."}: could not start; the master logs it
 DRAINING = "draining"
+STATUS_REQUEST = "status_request"  # {"seq"}: answer with STATUS
 # handoff (USR2)
 MANIFEST = "manifest"    # {"version", "listeners": [...], "generation"} + descriptors
 NEW_READY = "new_ready"  # new master: my workers are READY, step down
