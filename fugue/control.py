@@ -40,7 +40,7 @@ class ControlServer:
         self.sock.setblocking(False)
         self.clients = {}             # conn -> reader registered
         self._seq = itertools.count(1)
-        self.pending_status = {}      # seq -> [conn, waiting pids, deadline, json?]
+        self.pending_status = {}      # seq -> [deliver(data), waiting pids, deadline]
 
     def accept(self):
         while True:
@@ -51,6 +51,13 @@ class ControlServer:
             _, uid, _ = peer_credentials(conn)
             if uid not in (0, os.getuid()):
                 log.warning("control: refused a connection from uid %d", uid)
+                try:  # say why, so fuguectl shows the cause instead of a bare EOF
+                    conn.setblocking(False)
+                    conn.send(protocol.encode(
+                        "reply", ok=False, data=None, refused=True,
+                        text=f"permission denied: uid {uid} is not the master's uid ({os.getuid()}) or root"))
+                except OSError:
+                    pass
                 conn.close()
                 continue
             conn.setblocking(False)
@@ -148,14 +155,26 @@ class ControlServer:
     # -- status: ask every worker, answer when all replied ------------------------------
 
     def begin_status(self, conn):
+        """fuguectl status: reply on `conn` once every live worker sent fresh counters."""
+        self.fresh_status(lambda data: self.reply(conn, True, "status", data))
+
+    def fresh_status(self, deliver):
+        """Ask every live worker for its counters; call deliver(collect()) when all
+        have answered, or after STATUS_WAIT seconds with what there is (a worker
+        still importing its app cannot answer yet)."""
         m = self.master
         seq = next(self._seq)
         waiting = set()
         for w in m.workers.values():
             if w.state in LIVE and not w.foreign and m.send(w, protocol.STATS, seq=seq):
                 waiting.add(w.pid)
-        self.pending_status[seq] = [conn, waiting, time.monotonic() + STATUS_WAIT]
+        self.pending_status[seq] = [deliver, waiting, time.monotonic() + STATUS_WAIT]
         self._maybe_finish(seq)
+
+    def status_for_worker(self, w, msg):
+        """fugue.server_status() in a worker: the same aggregate, sent on its channel."""
+        seq = msg.get("seq")
+        self.fresh_status(lambda data: self.master.send(w, protocol.STATUS, seq=seq, data=data))
 
     def stats_reply(self, w, msg):
         entry = self.pending_status.get(msg.get("seq"))
@@ -164,21 +183,26 @@ class ControlServer:
             self._maybe_finish(msg.get("seq"))
 
     def _maybe_finish(self, seq, force=False):
-        conn, waiting, _ = self.pending_status[seq]
+        deliver, waiting, _ = self.pending_status[seq]
         waiting &= set(self.master.workers)
         if waiting and not force:
             return
         del self.pending_status[seq]
         from .status import collect
 
-        self.reply(conn, True, "status", collect(self.master))
+        deliver(collect(self.master))
 
     def deadline(self):
+        """The next time the master loop must call us (status waits, HTTP clients)."""
         now = time.monotonic()
         for seq, (_, _, when) in list(self.pending_status.items()):
             if when <= now:
                 self._maybe_finish(seq, force=True)
-        return min((e[2] for e in self.pending_status.values()), default=None)
+        deadlines = [e[2] for e in self.pending_status.values()]
+        http = getattr(self.master, "status_server", None)
+        if http is not None:
+            deadlines.append(http.deadline())
+        return min((d for d in deadlines if d is not None), default=None)
 
     def close(self):
         for conn in list(self.clients):
@@ -191,12 +215,17 @@ class ControlServer:
 
 
 def request(path, cmd, timeout=None, **fields):
-    """fuguectl's side: send one command, wait for its reply (a dict)."""
+    """fuguectl's side: send one command, wait for its reply (a dict).
+
+    OSError (ENOENT, EACCES, ECONNREFUSED, timeout) is the caller's to explain."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.settimeout(timeout)
     try:
         sock.connect(path)
-        sock.send(protocol.encode("cmd", cmd=cmd, **fields))
+        try:
+            sock.send(protocol.encode("cmd", cmd=cmd, **fields))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused at once: the reason is waiting to be read
         data = sock.recv(protocol.MAX_FRAME)
     finally:
         sock.close()
