@@ -212,7 +212,8 @@ class Master:
                 break
             for action in actions:
                 self.act(action, now)
-        deadlines = [d for d in (deadline, self._upgrade_deadline(), self._watch_deadline()) if d]
+        deadlines = [d for d in (deadline, self._upgrade_deadline(), self._watch_deadline(),
+                                 self.control.deadline() if self.control else None) if d]
         return min(deadlines, default=None)
 
     def snapshot(self, now):
@@ -327,6 +328,9 @@ class Master:
                 w.stats.update(msg["stats"])
             if self.control is not None:
                 self.control.stats_reply(w, msg)
+        elif kind == protocol.STATUS_REQUEST:
+            if self.control is not None:
+                self.control.status_for_worker(w, msg)
 
     def send(self, w, kind, fds=(), **fields):
         try:
