@@ -1,35 +1,51 @@
 """The aggregated status of a master and its workers, as plain data.
 
 Who calls it: the control socket (fuguectl status), the management HTTP
-listener, and workers asking through fugue.server_status(). Counters are the
-workers' own (sent on request and with heartbeats) summed here.
+listener (fugue.statushttp), and workers asking through fugue.server_status().
+Counters are the workers' own (sent on request and with heartbeats) summed here.
+
+A worker asks on its channel (STATUS_REQUEST) and the master answers there
+(STATUS) once every worker has sent fresh counters. The channel is read by the
+adapter's loop thread: a request made from that thread reads the channel itself
+until the answer comes; one made from any other thread (a handler thread of a
+threading server) waits on an Event that the loop thread sets.
 """
 
+import itertools
 import os
+import select
+import threading
 import time
 
+from . import protocol
 from .policy import WorkerState
+
+TOTALS = ("requests", "in_flight", "connections", "connections_total")
 
 
 def collect(master):
+    """Everything `fuguectl status --json` shows, from the master's records."""
     now = time.monotonic()
     wall = time.time()
     rows = []
-    totals = {"requests": 0, "in_flight": 0, "connections": 0}
+    totals = dict.fromkeys(TOTALS, 0)
     counters = {}
     for w in sorted(master.workers.values(), key=lambda w: (w.generation, w.slot)):
         stats = w.stats or {}
         for key in totals:
-            totals[key] += int(stats.get(key) or 0)
-        for key, value in (stats.get("counters") or {}).items():
-            counters[key] = counters.get(key, 0) + value
+            totals[key] += _int(stats.get(key))
+        own = stats.get("counters") if isinstance(stats.get("counters"), dict) else {}
+        for key, value in own.items():
+            counters[key] = counters.get(key, 0) + _int(value)
         rows.append({
             "id": w.slot, "pid": w.pid, "generation": w.generation, "state": w.state.value,
             "uptime": round(now - w.started, 3),
-            "requests": stats.get("requests", 0), "in_flight": stats.get("in_flight", 0),
-            "connections": stats.get("connections", 0),
+            "requests": _int(stats.get("requests")), "in_flight": _int(stats.get("in_flight")),
+            "connections": _int(stats.get("connections")),
+            "connections_total": _int(stats.get("connections_total")),
             "last_heartbeat": None if w.last_beat == float("inf") else round(now - w.last_beat, 3),
             "restarts": master.restarts.get(w.slot, 0),
+            "counters": dict(own),
             "current": stats.get("current", []),
             "foreign": w.foreign,
         })
@@ -53,3 +69,58 @@ def collect(master):
         "workers": rows,
         "ready_workers": sum(1 for w in master.workers.values() if w.state is WorkerState.READY),
     }
+
+
+def _int(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def StatusServer(master, bind):  # noqa: N802 - a class to its caller (master.setup)
+    """The management HTTP listener (--status-bind); see fugue.statushttp."""
+    from .statushttp import StatusServer as cls
+
+    return cls(master, bind)
+
+
+# -- the worker's side of fugue.server_status() ------------------------------------------
+
+class _Asks:
+    def __init__(self):
+        self.seq = itertools.count(1)
+        self.waiting = {}  # seq -> [threading.Event, data]
+
+
+def ask_master(rt, timeout):
+    """Called by Runtime.server_status in a worker; returns the aggregate or None."""
+    asks = rt.__dict__.setdefault("_status_asks", _Asks())
+    seq = next(asks.seq)
+    slot = [threading.Event(), None]
+    asks.waiting[seq] = slot
+    try:
+        rt._send(protocol.STATUS_REQUEST, seq=seq)
+        if rt.master_gone:
+            return None
+        deadline = time.monotonic() + timeout
+        reader = getattr(rt, "dispatch_thread", None) or threading.main_thread().ident
+        if threading.get_ident() != reader:
+            slot[0].wait(timeout)
+            return slot[1]
+        # We are the loop thread: nobody else reads the channel while we wait here.
+        while not slot[0].is_set() and not rt.master_gone:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            select.select([rt.channel], [], [], left)
+            rt.dispatch()  # delivers our answer, and anything else that came meanwhile
+        return slot[1]
+    finally:
+        asks.waiting.pop(seq, None)
+
+
+def deliver_to_worker(rt, msg):
+    """Runtime._handle got STATUS: wake whoever asked."""
+    asks = rt.__dict__.get("_status_asks")
+    slot = asks.waiting.get(msg.get("seq")) if asks else None
+    if slot is not None:
+        slot[1] = msg.get("data")
+        slot[0].set()
