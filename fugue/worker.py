@@ -14,6 +14,7 @@ import runpy
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 
@@ -90,6 +91,7 @@ class Runtime(WorkerContext):
 
     def dispatch(self):
         """Deliver signals and master messages to the adapter (on the adapter's thread)."""
+        self.dispatch_thread = threading.get_ident()  # server_status() must know who reads the channel
         try:
             while self._sig_r.recv(64):
                 pass
@@ -126,6 +128,12 @@ class Runtime(WorkerContext):
 
     def on_takedown(self, fn):
         self._takedown.append(fn)
+
+    def server_status(self, timeout=2.0):
+        """fugue.server_status(): the master's aggregate, or None if it does not answer in time."""
+        from .status import ask_master
+
+        return ask_master(self, timeout)
 
     # -- internals ----------------------------------------------------------
 
@@ -167,6 +175,10 @@ class Runtime(WorkerContext):
         elif kind == protocol.STATS:
             snap = self.stats.snapshot()
             self._send(protocol.STATS_REPLY, seq=msg.get("seq"), stats=snap)
+        elif kind == protocol.STATUS:
+            from .status import deliver_to_worker
+
+            deliver_to_worker(self, msg)
         elif kind == protocol.CONN and fds:
             sock = socket.socket(fileno=fds.pop(0))
             if self.adapter is not None and self.adapter.takes_connections and not self.draining:
