@@ -1,0 +1,106 @@
+"""An app's inbox: accepted connections travel to its workers as messages.
+
+Routed mode (fugue.router) owns the public listeners. For each app it makes a
+SOCK_SEQPACKET socketpair, the inbox: the router keeps the sending end, the
+app's master adopts the receiving end as its one listener (`bind =
+["inbox:FD"]`) and hands it to its workers like any listener. Each routed
+connection is one packet, a CONN message with the accepted descriptor attached
+(SCM_RIGHTS) and {"peer": [...], "host": ...} as info.
+
+Why a shared inbox and not the master forwarding to one worker at a time: the
+kernel gives each packet to exactly one reader, as it gives each connection
+of a shared listening socket to exactly one accept(). So the app master stays
+out of the data path (one descriptor pass per connection, not two), a worker
+busy with a request simply does not read, a reload needs nothing new (both
+generations read the inbox until the old one closes its end), and a packet
+queued while an app master restarts waits in the inbox like a connection in a
+listen backlog.
+
+What it promises: `Inbox` looks to an adapter like a non-blocking listening
+stream socket: `accept()` returns (connection, client address) or raises
+BlockingIOError, `listen()` does nothing, `type` says SOCK_STREAM (asyncio's
+create_server(sock=...) checks it). The client address is the real one: the
+descriptor is the client's TCP connection itself.
+"""
+
+import json
+import os
+import socket
+
+from . import protocol
+from .fds import recv_with_fds
+
+__all__ = ["Inbox", "inbox_pair", "send_connection", "wrap_listeners"]
+
+
+class Inbox(socket.socket):
+    """The worker's end of an inbox, used wherever a listening socket is."""
+
+    __slots__ = ()
+
+    @property
+    def type(self):
+        # Adapters (asyncio's create_server among them) insist on a stream
+        # listener; what accept() returns is one.
+        return socket.SOCK_STREAM
+
+    def listen(self, backlog=None):
+        pass  # the router's listener has the backlog
+
+    def getsockname(self):
+        return ("", 0)  # no address of its own; each connection knows its own
+
+    def accept(self):
+        """(connection, client address) of the next routed connection.
+
+        Raises BlockingIOError when none is waiting (another worker may have
+        taken it), as accept() on a non-blocking listener does. The connection
+        is blocking unless a default timeout is set, again as accept() makes it.
+        """
+        while True:
+            data, fds = recv_with_fds(self, 4096, 1)
+            if not data and not fds:
+                raise ConnectionAbortedError("the inbox is closed")
+            try:
+                info = protocol.decode(data).get("info") or {}
+            except protocol.ProtocolError:
+                info = {}
+            if not fds:
+                continue  # nothing to serve in this packet
+            conn = socket.socket(fileno=fds[0])
+            for fd in fds[1:]:
+                os.close(fd)
+            conn.settimeout(socket.getdefaulttimeout())
+            peer = info.get("peer")
+            return conn, tuple(peer) if isinstance(peer, list) else peer
+
+    def __repr__(self):
+        return f"<fugue Inbox fd={self.fileno()}>"
+
+
+def inbox_pair():
+    """(router end, app end): the router's end is non-blocking; both close-on-exec."""
+    router_end, app_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    router_end.setblocking(False)
+    return router_end, app_end
+
+
+def send_connection(inbox, conn_fd, info):
+    """Router side: one routed connection as one packet. Raises BlockingIOError when full."""
+    data = json.dumps({"type": protocol.CONN, "info": info}, separators=(",", ":")).encode()
+    import array
+
+    return inbox.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [conn_fd]))],
+                         socket.MSG_DONTWAIT)
+
+
+def wrap_listeners(fds, described):
+    """Worker side: socket objects for the descriptors of HELLO, inboxes as Inbox.
+
+    `described` is HELLO's list of Listener.describe() dicts, in descriptor order.
+    """
+    out = []
+    for i, fd in enumerate(fds):
+        item = described[i] if i < len(described) and isinstance(described[i], dict) else {}
+        out.append(Inbox(fileno=fd) if item.get("family") == "inbox" else socket.socket(fileno=fd))
+    return out
