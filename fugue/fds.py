@@ -31,6 +31,8 @@ class Listener:
     def describe(self):
         fam = {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}.get(
             self.sock.family, str(self.sock.family))
+        if self.sock.type == socket.SOCK_SEQPACKET:
+            fam = "inbox"  # routed mode: workers wrap it as fugue.inbox.Inbox
         return {"name": self.name, "family": fam, "address": address_text(self.sock), "spec": self.spec}
 
     def fileno(self):
@@ -66,6 +68,11 @@ def parse_bind(spec):
         if not num.isdigit():
             raise FugueError(f"bad bind address {spec!r}: fd needs a number")
         return "fd", int(num)
+    if spec.startswith("inbox:"):  # routed mode: an app's inbox, inherited from the router
+        num = spec[len("inbox:"):]
+        if not num.isdigit():
+            raise FugueError(f"bad bind address {spec!r}: inbox needs a descriptor number")
+        return "inbox", int(num)
     host, sep, port = spec.rpartition(":")
     if not sep:
         host, port = "", spec
@@ -157,6 +164,19 @@ def adopt_fd(fd):
     return sock
 
 
+def adopt_inbox(fd):
+    """Routed mode: the app end of an inbox (fugue.inbox), inherited from the router."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise FugueError(f"inbox fd {fd} is not a usable socket: {e.strerror}") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+        sock.detach()
+        raise FugueError(f"inbox fd {fd} is not a Unix SOCK_SEQPACKET socket")
+    sock.set_inheritable(False)
+    return sock
+
+
 def systemd_listeners():
     """Listeners passed by systemd socket activation, or [] if none are for us.
 
@@ -188,6 +208,8 @@ def open_listeners(binds, backlog):
                 sock = bind_tcp(addr[0], addr[1], backlog)
             elif kind == "unix":
                 sock = bind_unix(addr, backlog)
+            elif kind == "inbox":
+                sock = adopt_inbox(addr)
             else:
                 sock = adopt_fd(addr)
             out.append(Listener(sock, f"l{i}", spec))
