@@ -302,7 +302,9 @@ def main():
     except (OSError, protocol.ProtocolError) as e:
         print(f"fugue worker: no hello from the master: {e}", file=sys.stderr)
         os._exit(1)
-    listeners = [socket.socket(fileno=f) for f in fds]
+    from .inbox import wrap_listeners  # routed mode: an app's inbox reads like a listener
+
+    listeners = wrap_listeners(fds, hello.get("listeners") or [])
     rt = Runtime(channel, hello, listeners)
     current = rt
     _setup_logging(rt.worker_id, hello.get("name") or "")
