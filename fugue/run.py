@@ -60,8 +60,6 @@ def run_master(cfg, target):
             if not cfg.bind:
                 raise FugueError("nothing to listen on: give a port, a Unix socket path or --bind")
             listeners = open_listeners(cfg.bind, cfg.backlog)
-    for lst in listeners:
-        log.info("listening on %s (%s)", lst.describe()["address"], lst.name)
     ready_fd = None
     master = None
     try:
@@ -71,6 +69,8 @@ def run_master(cfg, target):
         elif cfg.daemonize:
             os.umask(cfg.umask)
         logs.redirect_master()
+        for lst in listeners:
+            log.info("listening on %s (%s)", lst.describe()["address"], lst.name)
         notify.claim()
         master = Master(cfg, listeners, target, identity, logs, ready_fd=ready_fd, handoff=handoff,
                         first_generation=first_generation, daemonized=cfg.daemonize)

@@ -246,12 +246,13 @@ def describe_exception(exc):
     return f"{type(exc).__name__}: {text}{where}" if text else f"{type(exc).__name__}{where}"
 
 
-def _setup_logging(worker_id, name):
+def _setup_logging(worker_id, verbose):
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(
         f"%(asctime)s [%(process)d] [worker {worker_id}] %(levelname)s %(message)s"))
     root = logging.getLogger("fugue")
     root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
 
 
@@ -307,7 +308,7 @@ def main():
     listeners = wrap_listeners(fds, hello.get("listeners") or [])
     rt = Runtime(channel, hello, listeners)
     current = rt
-    _setup_logging(rt.worker_id, hello.get("name") or "")
+    _setup_logging(rt.worker_id, rt.options.get("verbose"))
     try:
         import setproctitle
 

@@ -219,3 +219,35 @@ def fugue_proc(workdir):
     yield start
     for proc in procs:
         proc.kill_all()
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.fixture
+def world_dir():
+    """A world-readable copy of fugue and the test apps, for tests that drop to nobody.
+
+    The default python3 lives under /root (mode 0700): a worker running as nobody
+    could not even exec it. These tests run Debian's /usr/bin/python3 on this copy.
+    """
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip("needs Debian's /usr/bin/python3")
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="fugue-world-")
+    os.chmod(d, 0o755)
+    shutil.copytree(os.path.join(ROOT, "fugue"), os.path.join(d, "fugue"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in os.listdir(APPS):
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(APPS, name), os.path.join(d, name))
+    for root, dirs, files in os.walk(d):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+    tmp = os.path.join(d, "tmp")
+    os.mkdir(tmp, 0o700)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
