@@ -487,6 +487,8 @@ class Master:
             log.error("%s", text)
             self.last_event = ("start", False, text, time.time())
             self.ready_fd = self._tell_launcher(False, reason)
+            if self.handoff is not None and self.old_master:  # so `fuguectl upgrade` shows why
+                self._send_handoff(protocol.FAILED, reason=reason)
             for waiter in rollout.waiters:
                 waiter(False, text)
             self.exit_status = 1
