@@ -48,5 +48,6 @@ def pick(target, options):
         if cls.accepts(target):
             return cls(target, options)
     raise ValueError(f"fugue cannot serve a {type(target).__name__}: give a socketserver server, "
-                     "a request handler class, a WSGI or ASGI app, an asyncio handler, or set "
-                     "the adapter option")
+                     "a request handler class, a WSGI app (environ, start_response), an ASGI app "
+                     "async (scope, receive, send), an asyncio handler async (reader, writer) or "
+                     "protocol class, a serve(sock) callable, or set the adapter option")

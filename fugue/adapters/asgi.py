@@ -1,0 +1,210 @@
+"""ASGI 3 applications, served by uvicorn on the listeners fugue passes in.
+
+`uvicorn.Server(config).serve(sockets=ctx.listeners)` runs in this worker's
+asyncio loop with uvicorn's own signal handling switched off: the worker's
+Runtime owns SIGTERM/SIGINT, and its wake fds are readers of the loop (see
+aio.WorkerBridge), so STOP from the master and signals arrive as begin_drain /
+quick_stop on the loop thread. The heartbeat is a task of the same loop.
+
+READY is sent when uvicorn's startup (lifespan startup included) is complete
+and its servers listen. A lifespan startup failure ends the worker before
+READY, which fails a reload (rollback).
+
+Draining, fugue's policy rather than uvicorn's: uvicorn's own shutdown closes
+idle keep-alive connections at once, which races a client reusing one. So a
+drain first closes only the listening servers; responses started from then
+on carry `Connection: close` (added by a thin ASGI wrapper; uvicorn then
+closes after the response); an idle keep-alive connection stays open until
+its client sends one more request or hangs up (or uvicorn's keep-alive
+timeout, `timeout_keep_alive`, ends it, as it does outside a drain too).
+When no connection is left, or at the graceful deadline, uvicorn's shutdown
+runs (`should_exit`): remaining tasks, then lifespan shutdown.
+
+Routed connections (take_connection) are given to uvicorn's HTTP protocol
+with `loop.connect_accepted_socket`, as its own server would.
+"""
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+
+from .aio import WorkerBridge, _coroutine_function, _positional
+from .base import Adapter
+
+try:
+    import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+except ImportError as e:  # pragma: no cover - the extra is not installed
+    raise ImportError(f"uvicorn is not installed ({e})") from None
+
+log = logging.getLogger("fugue")
+
+# uvicorn.Config options fugue sets unless the app names its own in
+# `asgi_options` (an attribute on the app object).
+DEFAULTS = {"lifespan": "auto", "access_log": False, "log_config": None, "log_level": "warning",
+            "server_header": False}
+
+
+def is_asgi3(target):
+    """A coroutine function (or object with an async __call__) of (scope, receive, send)."""
+    if isinstance(target, type) or not callable(target) or not _coroutine_function(target):
+        return False
+    params = _positional(target)
+    return params is not None and len(params) == 3
+
+
+class AsgiAdapter(Adapter):
+    kind = "asgi"
+    takes_connections = True
+
+    @classmethod
+    def accepts(cls, target):
+        return is_asgi3(target)
+
+    def __init__(self, target, options):
+        super().__init__(target, options)
+        self.server = None
+        self.ctx = None
+        self.loop = None
+        self._counted = {}       # protocol -> transport, for the connection count
+        self._drained = False
+
+    def _wrap_app(self):
+        adapter, app = self, self.target
+        close = (b"connection", b"close")
+
+        async def wrapped(scope, receive, send):
+            if scope["type"] not in ("http", "websocket"):
+                return await app(scope, receive, send)
+            stats = adapter.ctx.stats
+            key = ("asgi", id(scope))
+            what = scope["type"] if scope["type"] != "http" else scope.get("method", "")
+            stats.request_started(f"{what} {scope.get('path', '')}", key)
+
+            async def send_closing(message):
+                if message["type"] == "http.response.start" and adapter.ctx.draining:
+                    headers = list(message.get("headers") or [])
+                    if not any(k.lower() == b"connection" for k, _ in headers):
+                        message = dict(message, headers=headers + [close])
+                await send(message)
+
+            try:
+                return await app(scope, receive, send_closing)
+            finally:
+                stats.request_finished(key)
+
+        return wrapped
+
+    def _protocol_class(self):
+        adapter = self
+
+        class Protocol(AutoHTTPProtocol):
+            def connection_made(self, transport):
+                adapter._counted[self] = transport
+                adapter.ctx.stats.connection_opened()
+                super().connection_made(transport)
+
+            def connection_lost(self, exc):
+                try:
+                    super().connection_lost(exc)
+                finally:
+                    if adapter._counted.pop(self, None) is not None:
+                        adapter.ctx.stats.connection_closed()
+
+        return Protocol
+
+    def _server(self):
+        adapter = self
+
+        class Server(uvicorn.Server):
+            # fugue's worker owns the signals (uvicorn >= 0.29 and older names).
+            def capture_signals(self):
+                return contextlib.nullcontext()
+
+            def install_signal_handlers(self):
+                pass
+
+            async def startup(self, sockets=None):
+                await super().startup(sockets=sockets)
+                if self.started and not self.should_exit:
+                    adapter._started()
+
+        kw = dict(DEFAULTS)
+        kw.update(getattr(self.target, "asgi_options", None) or {})
+        kw["http"] = self._protocol_class()
+        kw.setdefault("timeout_graceful_shutdown", self.ctx.graceful_timeout)
+        if self.options.get("backlog"):
+            kw.setdefault("backlog", int(self.options["backlog"]))
+        config = uvicorn.Config(self._wrap_app(), **kw)
+        return Server(config)
+
+    # -- Adapter -----------------------------------------------------------------
+
+    def run(self, ctx):
+        self.ctx = ctx
+        self.server = self._server()
+        factory = getattr(self.server.config, "get_loop_factory", None)
+        with asyncio.Runner(loop_factory=factory() if factory else None) as runner:
+            runner.run(self._main())
+
+    async def _main(self):
+        self.loop = asyncio.get_running_loop()
+        self.bridge = WorkerBridge(self.ctx, on_tick=self._on_tick, interval=0.1)
+        self.bridge.attach()
+        try:
+            await self.server.serve(sockets=list(self.ctx.listeners))
+        finally:
+            self.bridge.detach()
+
+    def _started(self):
+        self.ctx.serving()
+
+    def _on_tick(self):
+        # Connections whose protocol was swapped (a websocket upgrade) never see
+        # connection_lost on ours: count them closed when their transport is.
+        for proto, transport in list(self._counted.items()):
+            if transport.is_closing() and proto not in self.server.server_state.connections:
+                if self._counted.pop(proto, None) is not None:
+                    self.ctx.stats.connection_closed()
+        if not self.ctx.draining or self.server.should_exit:
+            return
+        left = self.ctx.graceful_deadline - time.monotonic()
+        if not self.server.server_state.connections or left <= 0:
+            if left <= 0:
+                log.info("graceful timeout: closing %d connection(s)",
+                         len(self.server.server_state.connections))
+            self.server.config.timeout_graceful_shutdown = max(0.5, left)
+            self.server.should_exit = True
+
+    def begin_drain(self):
+        servers = getattr(self.server, "servers", None) or []
+        for srv in servers:
+            srv.close()  # stop accepting; connections are left to the drain policy
+        self._on_tick()
+
+    def quick_stop(self):
+        self.server.force_exit = True
+        self.server.should_exit = True
+        for proto in list(self.server.server_state.connections):
+            transport = getattr(proto, "transport", None)
+            if transport is not None:
+                transport.abort()
+
+    def take_connection(self, sock, info):
+        srv = self.server
+        if self.loop is None or not srv.started or self.ctx.draining:
+            sock.close()
+            return
+        factory = functools.partial(srv.config.http_protocol_class, config=srv.config,
+                                    server_state=srv.server_state, app_state=srv.lifespan.state)
+        sock.setblocking(False)
+        self.loop.create_task(self._adopt(factory, sock))
+
+    async def _adopt(self, factory, sock):
+        try:
+            await self.loop.connect_accepted_socket(factory, sock)
+        except OSError as e:
+            log.warning("cannot serve a routed connection: %s", e)
+            sock.close()

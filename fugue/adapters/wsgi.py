@@ -1,0 +1,246 @@
+"""WSGI applications, served by waitress on the listeners fugue passes in.
+
+Why waitress: it is pure Python (no compiler, one small dependency-free wheel),
+maintained by the Pylons project, production grade, and serves on sockets it
+did not bind (`create_server(app, sockets=[...])`). Its I/O loop (wasyncore) is
+a plain socket map that we poll ourselves, so the worker keeps one wait point:
+fugue's wake fds sit in the same map as the listeners and connections, and the
+heartbeat comes from the loop that accepts. Application code runs in waitress's
+task threads, as it does under `waitress-serve`.
+
+Draining: the listeners leave the map and are closed at once; requests in
+flight finish; every response started while draining carries `Connection:
+close` (waitress then closes after flushing it); an idle keep-alive connection
+is left open until its client sends one more request (answered with close) or
+hangs up, so it is never closed under a client that is reusing it. At the
+graceful deadline what is left is closed.
+
+Routed connections (take_connection) become waitress channels of the first
+listener's server, exactly as if that server had accepted them.
+"""
+
+import inspect
+import logging
+import select
+import time
+
+from .base import Adapter
+
+try:
+    import waitress
+    from waitress import wasyncore
+    from waitress.channel import HTTPChannel
+    from waitress.server import BaseWSGIServer
+    from waitress.task import WSGITask
+except ImportError as e:  # pragma: no cover - the extra is not installed
+    raise ImportError(f"waitress is not installed ({e})") from None
+
+log = logging.getLogger("fugue")
+
+# waitress options fugue sets unless the app names its own in `wsgi_options`
+# (an attribute on the app object: {"threads": 8, "url_scheme": "https", ...}).
+DEFAULTS = {"threads": 4, "ident": "fugue"}
+
+
+def positional_params(fn):
+    """Names of the positional parameters `fn` takes when called (None if unknown)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    out = []
+    for p in sig.parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            out.append(p.name)
+        elif p.kind is p.VAR_POSITIONAL:
+            out.append("*")
+    return out
+
+
+def is_async(fn):
+    """A coroutine function, or an object whose __call__ is one."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)
+    return call is not None and not inspect.isfunction(fn) and inspect.iscoroutinefunction(call)
+
+
+class _Waker:
+    """One of the worker's wake fds in waitress's socket map: readable -> ctx.dispatch()."""
+
+    accepting = False
+
+    def __init__(self, fd, ctx, socket_map):
+        self.fd = fd
+        self.ctx = ctx
+        self.map = socket_map
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return False
+
+    def handle_read_event(self):
+        self.ctx.dispatch()
+        # dispatch() reads everything there is; still readable means EOF (the
+        # master is gone): stop polling it, or the loop would spin.
+        if select.select([self.fd], [], [], 0)[0]:
+            self.map.pop(self.fd, None)
+
+    def handle_close(self):
+        self.handle_read_event()
+
+    def handle_write_event(self):
+        pass
+
+    def handle_expt_event(self):
+        pass
+
+    def handle_error(self):
+        log.exception("fugue: error while dispatching a master message")
+
+    def close(self):
+        self.map.pop(self.fd, None)
+
+
+class WsgiAdapter(Adapter):
+    kind = "wsgi"
+    takes_connections = True
+
+    @classmethod
+    def accepts(cls, target):
+        """A plain (not async) callable taking (environ, start_response)."""
+        if isinstance(target, type) or not callable(target) or is_async(target):
+            return False
+        params = positional_params(target)
+        if params is None or "stop" in params:  # serve(sock, stop=None) is a plain callable
+            return False
+        return (len(params) == 2 or (params and params[-1] == "*" and len(params) <= 3))
+
+    def __init__(self, target, options):
+        super().__init__(target, options)
+        self.app = target
+        self.map = {}
+        self.servers = []
+        self.ctx = None
+        self._quit = False
+
+    def _classes(self):
+        adapter = self
+
+        class Task(WSGITask):
+            def service(self):
+                key = ("wsgi", id(self))
+                adapter.ctx.stats.request_started(f"{self.request.command} {self.request.path}", key)
+                try:
+                    super().service()
+                finally:
+                    adapter.ctx.stats.request_finished(key)
+
+            def build_response_header(self):
+                if adapter.ctx.draining and not self.close_on_finish:
+                    self.set_close_on_finish()  # adds Connection: close
+                return super().build_response_header()
+
+        class Channel(HTTPChannel):
+            task_class = Task
+            _fugue_counted = False
+
+            def __init__(self, *args, **kw):
+                super().__init__(*args, **kw)
+                self._fugue_counted = True
+                adapter.ctx.stats.connection_opened()
+
+            def del_channel(self, map=None):
+                super().del_channel(map)
+                if self._fugue_counted:
+                    self._fugue_counted = False
+                    adapter.ctx.stats.connection_closed()
+
+        return Channel
+
+    def run(self, ctx):
+        self.ctx = ctx
+        kw = dict(DEFAULTS)
+        kw.update(getattr(self.app, "wsgi_options", None) or {})
+        if self.options.get("backlog"):
+            kw.setdefault("backlog", int(self.options["backlog"]))
+        channel = self._classes()
+        server = waitress.create_server(self.app, map=self.map, sockets=list(ctx.listeners), **kw)
+        self.dispatcher = server.task_dispatcher
+        self.servers = [obj for obj in self.map.values() if isinstance(obj, BaseWSGIServer)]
+        for srv in self.servers:
+            srv.channel_class = channel
+        for fd in ctx.wake_fds():
+            self.map[fd] = _Waker(fd, ctx, self.map)
+        use_poll = hasattr(select, "poll")
+        poll = wasyncore.poll2 if use_poll else wasyncore.poll
+        ctx.serving()
+        try:
+            while not self._quit:
+                timeout = ctx.tick_interval
+                if ctx.draining:
+                    if not self._busy():
+                        break
+                    left = ctx.graceful_deadline - time.monotonic()
+                    if left <= 0:
+                        log.info("graceful timeout: closing %d connection(s)", self._open_channels())
+                        break
+                    timeout = min(timeout, left)
+                poll(timeout, self.map)
+                ctx.tick()
+        finally:
+            self._close_all()
+            self.dispatcher.shutdown(cancel_pending=True, timeout=0.5 if self._quit else 2)
+
+    def _channels(self):
+        return [ch for srv in self.servers for ch in list(srv.active_channels.values())]
+
+    def _open_channels(self):
+        return len(self._channels())
+
+    def _busy(self):
+        return bool(self._channels()) or self.ctx.stats.in_flight > 0
+
+    def _stop_accepting(self):
+        for srv in self.servers:
+            if srv.accepting:
+                srv.accepting = False
+                srv.del_channel()
+                try:
+                    srv.socket.close()
+                except OSError:
+                    pass
+
+    def _close_all(self):
+        self._stop_accepting()
+        for ch in self._channels():
+            try:
+                ch.handle_close()
+            except Exception:  # noqa: BLE001 - closing what is left must not raise
+                pass
+        for srv in self.servers:
+            try:
+                srv.trigger.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def begin_drain(self):
+        self._stop_accepting()
+
+    def quick_stop(self):
+        self._quit = True
+
+    def take_connection(self, sock, info):
+        if not self.servers or self.ctx.draining:
+            sock.close()
+            return
+        srv = self.servers[0]
+        try:
+            addr = tuple(info["peer"]) if info.get("peer") else sock.getpeername()
+            srv.set_socket_options(sock)
+        except OSError:
+            sock.close()
+            return
+        srv.channel_class(srv, sock, srv.fix_addr(addr), srv.adj, map=self.map)
