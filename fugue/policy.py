@@ -50,6 +50,7 @@ class WorkerView:
     started: float
     last_beat: float
     stop_deadline: float = None
+    ready_at: float = None      # a foreign worker in ready_mode=stable is READY from then on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,12 @@ class Promote:
 
 
 @dataclasses.dataclass(frozen=True)
+class Ready:
+    """A foreign worker has stayed up for stable_after seconds: it counts as READY."""
+    pid: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Rollback:
     generation: int
     reason: str
@@ -111,6 +118,8 @@ def decide(s):
         if w.state is WorkerState.STARTING:
             due(w.started + s.ready_timeout,
                 Kill(w.pid, f"not ready after {s.ready_timeout:g}s"))
+            if w.ready_at is not None and w.ready_at < w.started + s.ready_timeout:
+                due(w.ready_at, Ready(w.pid))
         elif w.state is WorkerState.READY:
             due(w.last_beat + s.timeout, Kill(w.pid, f"no heartbeat for {s.timeout:g}s"))
         elif w.state is WorkerState.DRAINING and w.stop_deadline is not None:
