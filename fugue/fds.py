@@ -31,8 +31,8 @@ class Listener:
     def describe(self):
         fam = {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}.get(
             self.sock.family, str(self.sock.family))
-        if self.sock.type == socket.SOCK_SEQPACKET:
-            fam = "inbox"  # routed mode: workers wrap it as fugue.inbox.Inbox
+        if self.sock.type == socket.SOCK_SEQPACKET:  # routed mode: workers wrap it as fugue.inbox.Inbox
+            return {"name": self.name, "family": "inbox", "address": "inbox", "spec": self.spec}
         return {"name": self.name, "family": fam, "address": address_text(self.sock), "spec": self.spec}
 
     def fileno(self):
