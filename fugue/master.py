@@ -48,10 +48,12 @@ class Worker:
         self.stats = {}
         self.foreign = foreign
         self.recycling = False
+        self.ready_at = None        # foreign, ready_mode=stable: READY from then on
+        self.notify = None          # foreign, ready_mode=notify: its NOTIFY_SOCKET
 
     def view(self):
         return policy.WorkerView(self.pid, self.slot, self.generation, self.state,
-                                 self.started, self.last_beat, self.stop_deadline)
+                                 self.started, self.last_beat, self.stop_deadline, self.ready_at)
 
     def __str__(self):
         return f"worker {self.slot} (pid {self.pid}, generation {self.generation})"
@@ -238,6 +240,10 @@ class Master:
                 self.kill_worker(w, action.reason)
         elif isinstance(action, policy.Promote):
             self.promote(action.generation, now)
+        elif isinstance(action, policy.Ready):
+            w = self.workers.get(action.pid)
+            if w:
+                self.worker_ready(w, now, f"up for {self.cfg.stable_after:g}s")
 
     def finished(self):
         if self.stopping is None:
@@ -256,6 +262,12 @@ class Master:
                 argv[0] = shutil.which(argv[0]) or argv[0]
                 env = workers.worker_env(slot, generation, "{}", child.fileno())
                 env["LISTEN_FDNAMES"] = ":".join(lst.name for lst in self.listeners)
+                if self.cfg.ready_mode == "notify":
+                    from .foreign import NotifySocket
+
+                    uid = self.identity.uid if self.identity.uid is not None else os.getuid()
+                    notify_sock = NotifySocket(slot, generation, {0, uid, os.getuid()})
+                    env["NOTIFY_SOCKET"] = notify_sock.address
                 pid = workers.spawn(argv, env, self.identity, self.cfg.working_path, self.logs.worker_fd,
                                     [], child.fileno(), target=None,
                                     foreign_fds=[lst.fileno() for lst in self.listeners], loop=self.loop)
@@ -270,6 +282,11 @@ class Master:
         self.workers[pid] = w
         if w.foreign:
             w.last_beat = float("inf")
+            if self.cfg.ready_mode == "notify":
+                w.notify = notify_sock
+                self.loop.add_reader(notify_sock, lambda: self.on_notify(w))
+            else:
+                w.ready_at = now + self.cfg.stable_after
         else:
             hello = protocol.encode(protocol.HELLO, worker_id=slot, generation=generation,
                                     name=self.name, options=self._worker_options,
@@ -307,10 +324,7 @@ class Master:
         kind = msg["type"]
         now = time.monotonic()
         if kind == protocol.READY:
-            if w.state is WorkerState.STARTING:
-                w.state = WorkerState.READY
-                w.last_beat = now
-                log.info("%s ready", w)
+            self.worker_ready(w, now)
         elif kind == protocol.HEARTBEAT:
             w.last_beat = now
             if isinstance(msg.get("stats"), dict):
@@ -331,6 +345,29 @@ class Master:
         elif kind == protocol.STATUS_REQUEST:
             if self.control is not None:
                 self.control.status_for_worker(w, msg)
+
+    def worker_ready(self, w, now, how=None):
+        """READY: a Python worker's message, a foreign one's READY=1 or its stable_after."""
+        if w.state is not WorkerState.STARTING:
+            return
+        w.state = WorkerState.READY
+        w.ready_at = None
+        if not w.foreign:
+            w.last_beat = now
+        log.info("%s ready%s", w, f" ({how})" if how else "")
+
+    def on_notify(self, w):
+        """sd_notify datagrams from a foreign worker (ready_mode=notify)."""
+        messages, dropped = w.notify.read()
+        if dropped:
+            log.warning("%s: dropped %d notify message(s) from another user", w, dropped)
+        for fields, pid in messages:
+            if "STATUS" in fields:
+                w.stats["status"] = fields["STATUS"][:200]
+            if fields.get("READY") == "1":
+                self.worker_ready(w, time.monotonic(), "READY=1")
+            if "ERRNO" in fields and w.state is WorkerState.STARTING:
+                w.reason = f"ERRNO={fields['ERRNO']}"
 
     def send(self, w, kind, fds=(), **fields):
         try:
@@ -390,6 +427,10 @@ class Master:
         self.on_channel(w)  # read what it said last (FAILED, stats)
         self.loop.remove_reader(w.channel)
         w.channel.close()
+        if w.notify is not None:
+            self.on_notify(w)
+            self.loop.remove_reader(w.notify)
+            w.notify.close()
         now = time.monotonic()
         desc = workers.describe_status(status)
         what = f"{desc}: {w.reason}" if w.reason else desc

@@ -1,0 +1,81 @@
+"""Foreign workers: any program, in any language, as a worker.
+
+Who calls it: the master, when its target is {"command": [...]}. The program
+gets the listeners at fd 3.. with LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES
+(workers.spawn), FUGUE_WORKER_ID and FUGUE_GENERATION, and is READY either
+after `stable_after` seconds up (policy.decide, from the worker's ready_at) or,
+with ready_mode=notify, when it says READY=1 on its own NOTIFY_SOCKET: the
+sd_notify protocol, so a program that supports systemd's Type=notify works
+unchanged.
+
+Each worker gets its own datagram socket, so a message needs no pid to be
+attributed. The socket is in the abstract namespace ("@fugue-..."), which
+sd_notify implementations accept, because a path in the master's 0700 run
+directory would be out of reach of workers that run as another user; instead
+the kernel's SCM_CREDENTIALS on every datagram (SO_PASSCRED) must name the
+workers' uid or root, and anything else is dropped.
+"""
+
+import os
+import secrets
+import socket
+import struct
+
+_UCRED = struct.Struct("3i")  # pid, uid, gid
+MAX_DATAGRAM = 4096
+
+
+class NotifySocket:
+    """One foreign worker's NOTIFY_SOCKET, read in the master's loop."""
+
+    def __init__(self, slot, generation, allowed_uids):
+        self.address = f"@fugue-{os.getpid()}-{slot}-{generation}-{secrets.token_hex(4)}"
+        self.allowed = set(allowed_uids)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            self.sock.bind("\0" + self.address[1:])
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def read(self):
+        """[(fields dict, sender pid)] of the datagrams waiting; others' are dropped.
+
+        Returns (messages, dropped) where dropped counts datagrams from a uid
+        that may not speak for this worker.
+        """
+        messages, dropped = [], 0
+        while True:
+            try:
+                data, ancdata, _, _ = self.sock.recvmsg(MAX_DATAGRAM, socket.CMSG_SPACE(_UCRED.size))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            creds = None
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= _UCRED.size:
+                    creds = _UCRED.unpack(payload[:_UCRED.size])
+            if creds is None or creds[1] not in self.allowed:
+                dropped += 1
+                continue
+            messages.append((parse(data), creds[0]))
+        return messages, dropped
+
+    def close(self):
+        self.sock.close()
+
+
+def parse(data):
+    """b'READY=1\\nSTATUS=warming up' -> {"READY": "1", "STATUS": "warming up"}."""
+    out = {}
+    for line in data.decode("utf-8", "replace").split("\n"):
+        key, sep, value = line.partition("=")
+        if sep and key:
+            out[key.strip()] = value
+    return out
