@@ -222,7 +222,9 @@ def open_listeners(binds, backlog):
 def close_listeners(listeners, unlink=False):
     for lst in listeners:
         path = None
-        if unlink and lst.sock.family == socket.AF_UNIX:
+        # An adopted socket (fd:N, systemd's LISTEN_FDS) belongs to whoever bound it: a
+        # socket unit must still be there for the next activation.
+        if unlink and lst.sock.family == socket.AF_UNIX and not str(lst.spec).startswith("fd:"):
             try:
                 path = lst.sock.getsockname()
             except OSError:
