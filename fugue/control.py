@@ -226,7 +226,12 @@ def request(path, cmd, timeout=None, **fields):
             sock.send(protocol.encode("cmd", cmd=cmd, **fields))
         except (BrokenPipeError, ConnectionResetError):
             pass  # refused at once: the reason is waiting to be read
-        data = sock.recv(protocol.MAX_FRAME)
+        try:
+            data = sock.recv(protocol.MAX_FRAME)
+        except ConnectionResetError:
+            # The master closed with our request unread (a refusal): Linux reports
+            # ECONNRESET once, then the reply it sent before closing is readable.
+            data = sock.recv(protocol.MAX_FRAME)
     finally:
         sock.close()
     if not data:

@@ -209,8 +209,11 @@ def check_value(name, value, where):
         raise ConfigError(f"{where}: expected {config._describe(kind)}") from None
 
 
-def load_config_file(path):
-    """(options, target) from a TOML file; relative paths in it are relative to its directory."""
+def load_config_file(path, only=None):
+    """(options, target) from a TOML file; relative paths in it are relative to its directory.
+
+    `only`: check and return just these keys (the control commands need the pid
+    file and tmp_path: a config being edited must not stop `fuguectl stop`)."""
     import tomllib
 
     shown = path
@@ -229,6 +232,8 @@ def load_config_file(path):
     base = os.path.dirname(full)
     options, target = {}, {}
     for key, value in data.items():
+        if only is not None and key not in only:
+            continue
         if key in TARGET_KEYS:
             target[key] = _target_value(shown, key, value, base)
             continue
@@ -240,6 +245,8 @@ def load_config_file(path):
         value = check_value(key, value, f"{shown}: {key} = {_toml_text(value)}")
         if config.KINDS[key] == "path" and value is not None:
             value = os.path.join(base, value)
+        elif key == "bind":  # unix:PATH too
+            value = [f"unix:{os.path.join(base, v[5:])}" if v.startswith("unix:") else v for v in value]
         options[key] = value
     if len(target) > 1 or (target and options.get("command")):
         raise ConfigError(f"{shown}: give one of app, script or command, not several")
@@ -515,7 +522,7 @@ def find_master(args):
 
     options = {}
     if args.config:
-        options, _ = load_config_file(args.config)
+        options, _ = load_config_file(args.config, only=("pid_file", "tmp_path"))
     for name in ("pid_file", "tmp_path"):
         if getattr(args, name):
             options[name] = check_value(name, getattr(args, name), f"{flag_of(name)} {getattr(args, name)}")
