@@ -201,10 +201,12 @@ def _toml_text(value):
 def check_value(name, value, where):
     """One option value, checked (flags' strings converted); ConfigError names `where`."""
     kind = config.KINDS[name]
-    if name == "umask" and isinstance(value, str) and value.isdigit():
-        value = int(value, 8)  # 022 and 0022 mean what they mean to umask(1)
     try:
+        if name == "umask" and isinstance(value, str) and value.isdigit():
+            value = int(value, 8)  # 022 and 0022 mean what they mean to umask(1)
         return config.coerce(name, value)
+    except ValueError:
+        raise ConfigError(f"{where}: expected an octal umask such as 022") from None
     except ConfigError:
         raise ConfigError(f"{where}: expected {config._describe(kind)}") from None
 
