@@ -120,7 +120,7 @@ def decide(s):
                 Kill(w.pid, f"not ready after {s.ready_timeout:g}s"))
             if w.ready_at is not None and w.ready_at < w.started + s.ready_timeout:
                 due(w.ready_at, Ready(w.pid))
-        elif w.state is WorkerState.READY:
+        elif w.state is WorkerState.READY and w.last_beat != float("inf"):  # inf: foreign, no heartbeat
             due(w.last_beat + s.timeout, Kill(w.pid, f"no heartbeat for {s.timeout:g}s"))
         elif w.state is WorkerState.DRAINING and w.stop_deadline is not None:
             due(w.stop_deadline, Kill(w.pid, "did not stop within graceful_timeout"))
