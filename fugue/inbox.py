@@ -60,7 +60,8 @@ class Inbox(socket.socket):
         while True:
             data, fds = recv_with_fds(self, 4096, 1)
             if not data and not fds:
-                raise ConnectionAbortedError("the inbox is closed")
+                _router_gone()
+                raise ConnectionAbortedError("the router closed the inbox")
             try:
                 info = protocol.decode(data).get("info") or {}
             except protocol.ProtocolError:
@@ -76,6 +77,17 @@ class Inbox(socket.socket):
 
     def __repr__(self):
         return f"<fugue Inbox fd={self.fileno()}>"
+
+
+def _router_gone():
+    # EOF: the router is gone and nothing will arrive again. The inbox stays
+    # readable at EOF, so an adapter would spin on it: drain the worker as if
+    # its master had gone (its master is going too: it dies with the router).
+    from . import worker
+
+    rt = worker.current
+    if rt is not None and not rt.draining:
+        rt._stop("graceful", "the router closed the inbox")
 
 
 def inbox_pair():
