@@ -418,3 +418,39 @@ def test_socket_activation_with_systemd_socket_activate(fugue_proc, workdir):
     rc, _, err = run_ctl(["stop"], workdir)
     assert rc == 0, err
     assert os.path.exists(path), "the socket belongs to the activator: the master must not unlink it"
+
+
+def _unit(name):
+    import configparser
+
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str
+    parser.read(os.path.join(ROOT, "contrib", "systemd", name))
+    return parser
+
+
+def test_systemd_units_say_what_fuguectl_does(tmp_path):
+    import shlex
+
+    service = _unit("fugue@.service")["Service"]
+    assert service["Type"] == "notify" and service["NotifyAccess"] == "all"
+    assert service["KillMode"] == "mixed" and service["PIDFile"] == "/run/fugue/%i/fugue.pid"
+    start = shlex.split(service["ExecStart"])
+    reload = shlex.split(service["ExecReload"])
+    assert start[:4] == ["/usr/local/bin/fuguectl", "start", "--foreground", "-c"]
+    assert reload[:2] == ["/usr/local/bin/fuguectl", "upgrade"]
+    parser = ctl.build_parser()
+    for argv in (start, reload):  # every flag in the unit is one fuguectl knows
+        args = parser.parse_args([a.replace("%i", "hello") for a in argv[1:]])
+        assert args.config == "/etc/fugue/hello.toml"
+        assert args.pid_file == service["PIDFile"].replace("%i", "hello")
+    assert args.tmp_path == "/run/fugue/hello"
+    assert _unit("fugue@.socket")["Socket"]["ListenStream"]
+    if shutil.which("systemd-analyze"):
+        for name in ("fugue@.service", "fugue@.socket"):
+            with open(os.path.join(ROOT, "contrib", "systemd", name)) as f:
+                text = f.read().replace("/usr/local/bin/fuguectl", f"{PY} -m fugue.ctl")
+            (tmp_path / name).write_text(text)
+        done = subprocess.run(["systemd-analyze", "verify", "--man=no", "./fugue@hello.service",
+                               "./fugue@hello.socket"], cwd=tmp_path, capture_output=True, text=True)
+        assert (done.returncode, done.stderr) == (0, "")
