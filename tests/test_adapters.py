@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import socketserver
 import threading
 import time
@@ -19,6 +20,7 @@ import pytest
 from conftest import wait_for
 from fugue import control
 from fugue.adapters import pick
+from fugue.adapters.base import Stats, WorkerContext
 
 
 class Load:
@@ -185,6 +187,7 @@ def test_adapter_option_overrides_the_guess():
 
 @pytest.mark.parametrize("app, kind", [
     ("wsgi_app.py", "wsgi"), ("asgi_app.py", "asgi"), ("aio_app.py", "asyncio"), ("plain_app.py", "plain"),
+    ("plain_simple_app.py", "plain"),
 ])
 def test_adapter_serves_and_reloads_under_load(fugue_proc, workdir, app, kind):
     p = fugue_proc([app, "0", "2"]).started()
@@ -195,7 +198,8 @@ def test_adapter_serves_and_reloads_under_load(fugue_proc, workdir, app, kind):
     assert p.wait_exit() == 0
 
 
-@pytest.mark.parametrize("app", ["wsgi_app.py", "asgi_app.py", "aio_app.py", "plain_app.py"])
+@pytest.mark.parametrize("app", ["wsgi_app.py", "asgi_app.py", "aio_app.py", "plain_app.py",
+                                 "plain_simple_app.py"])
 def test_graceful_stop_finishes_a_slow_request(fugue_proc, app):
     p = fugue_proc([app, "0", "1"]).started()
     out = {}
@@ -233,3 +237,122 @@ def test_wsgi_import_error_rolls_back(fugue_proc, workdir):
     p.signal(signal.SIGHUP)
     p.wait_log(r"reload failed: .*broken at import on purpose.*generation 1 keeps serving")
     assert "version v1" in p.body()
+
+
+# -- routed connections and drains, in process ---------------------------------------
+
+
+class FakeContext(WorkerContext):
+    """A WorkerContext without a master: `post(fn)` runs fn on the adapter's loop
+    through ctx.dispatch(), the way the worker delivers STOP and CONN messages."""
+
+    def __init__(self, listener):
+        self.worker_id, self.generation = 1, 1
+        self.listeners, self.listener_names = [listener], ["l0"]
+        self.options, self.stats = {}, Stats()
+        self.tick_interval, self.graceful_timeout = 0.2, 5.0
+        self.draining, self.graceful_deadline = False, None
+        self.ready = threading.Event()
+        self.inbox = collections.deque()
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+
+    def wake_fds(self):
+        return [self._r.fileno()]
+
+    def dispatch(self):
+        try:
+            while self._r.recv(64):
+                pass
+        except BlockingIOError:
+            pass
+        while self.inbox:
+            self.inbox.popleft()()
+
+    def serving(self):
+        self.ready.set()
+
+    def tick(self):
+        pass
+
+    def log(self, message):
+        pass
+
+    def post(self, fn):
+        self.inbox.append(fn)
+        self._w.send(b"\0")
+
+
+def _greet(kind):
+    return f"hello from {kind}\n".encode()
+
+
+def routed_wsgi(environ, start_response):
+    start_response("200 OK", [("Content-Length", "16")])
+    return [_greet("wsgi")]
+
+
+async def routed_asgi(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"16")]})
+    await send({"type": "http.response.body", "body": _greet("asgi")})
+
+
+async def routed_handler(reader, writer):
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 19\r\nConnection: close\r\n\r\n" + _greet("asyncio"))
+    await writer.drain()
+    writer.close()
+
+
+def routed_serve(sock, *, stop):
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\nConnection: close\r\n\r\n" + _greet("plain"))
+
+
+@pytest.mark.parametrize("app, kind", [
+    (routed_wsgi, "wsgi"), (routed_asgi, "asgi"), (routed_handler, "asyncio"), (routed_serve, "plain"),
+])
+def test_routed_connection_is_served_then_drained(app, kind):
+    listener = socket.create_server(("127.0.0.1", 0))
+    elsewhere = socket.create_server(("127.0.0.1", 0))   # stands in for the master's router
+    ctx = FakeContext(listener)
+    adapter = pick(app, {})
+    assert adapter.takes_connections
+    runner = threading.Thread(target=adapter.run, args=(ctx,), daemon=True)
+    runner.start()
+    try:
+        assert ctx.ready.wait(10)
+        if kind == "plain":  # serve() must be in accept() before connections are routed to it
+            wait_for(lambda: adapter._accepting, what="serve() in accept()")
+        client = socket.create_connection(elsewhere.getsockname(), timeout=10)
+        routed, peer = elsewhere.accept()
+        ctx.post(lambda: adapter.take_connection(routed, {"peer": list(peer)}))
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = b""
+        while b"hello from" not in reply:
+            chunk = client.recv(4096)
+            assert chunk, reply
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200") and _greet(kind) in reply
+        client.close()
+
+        def drain():
+            ctx.draining = True
+            ctx.graceful_deadline = time.monotonic() + ctx.graceful_timeout
+            adapter.begin_drain()
+
+        ctx.post(drain)
+        runner.join(10)
+        assert not runner.is_alive(), "run() did not return after the drain"
+        assert ctx.stats.requests >= 1 and ctx.stats.in_flight == 0
+    finally:
+        elsewhere.close()
+        listener.close()

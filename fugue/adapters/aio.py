@@ -3,7 +3,7 @@ protocol factory (an asyncio.Protocol subclass; any other factory with
 adapter="asyncio"), served with `asyncio.start_server(sock=...)` /
 `loop.create_server(sock=...)` on each listener fugue passes in.
 
-The worker's wake fds are readers of the same event loop (`WorkerBridge`,
+The worker's wake fds are readers of the same event loop (`_util.WorkerBridge`,
 shared with the ASGI adapter), so master messages and signals arrive on the
 loop thread, and the heartbeat is a task of that loop: a loop blocked by the
 app stops it and the master replaces the worker.
@@ -21,87 +21,17 @@ closed); apps can count more with `fugue.stats.incr(name)`.
 """
 
 import asyncio
-import inspect
 import logging
-import select
 import time
 
+from ._util import WorkerBridge, is_async, positional_params
 from .base import Adapter
 
 log = logging.getLogger("fugue")
 
 
-class WorkerBridge:
-    """The worker's side of an asyncio loop: wake fds as readers, the heartbeat as a task.
-
-    `on_tick` (optional, a plain function) runs with every heartbeat, on the loop.
-    """
-
-    def __init__(self, ctx, on_tick=None, interval=1.0):
-        self.ctx = ctx
-        self.on_tick = on_tick
-        self.interval = interval
-        self.loop = None
-        self._fds = []
-        self._ticker = None
-
-    def attach(self):
-        """Call from a coroutine running on the loop."""
-        self.loop = asyncio.get_running_loop()
-        for fd in self.ctx.wake_fds():
-            self.loop.add_reader(fd, self._dispatch, fd)
-            self._fds.append(fd)
-        self._ticker = self.loop.create_task(self._beat())
-
-    def _dispatch(self, fd):
-        self.ctx.dispatch()
-        # dispatch() reads everything there is; still readable means EOF (the
-        # master is gone): stop watching it, or the loop would spin.
-        if fd in self._fds and select.select([fd], [], [], 0)[0]:
-            self.loop.remove_reader(fd)
-            self._fds.remove(fd)
-
-    async def _beat(self):
-        interval = min(self.ctx.tick_interval, self.interval)
-        while True:
-            self.ctx.tick()
-            if self.on_tick is not None:
-                try:
-                    self.on_tick()
-                except Exception:  # noqa: BLE001 - keep beating
-                    log.exception("fugue: tick failed")
-            await asyncio.sleep(interval)
-
-    def detach(self):
-        for fd in self._fds:
-            try:
-                self.loop.remove_reader(fd)
-            except (ValueError, RuntimeError):
-                pass
-        self._fds = []
-        if self._ticker is not None:
-            self._ticker.cancel()
-            self._ticker = None
-
-
 def _is_protocol_class(target):
     return isinstance(target, type) and issubclass(target, asyncio.BaseProtocol)
-
-
-def _positional(fn):
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None
-    return [p.name for p in sig.parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-
-
-def _coroutine_function(fn):
-    if inspect.iscoroutinefunction(fn):
-        return True
-    call = getattr(fn, "__call__", None)
-    return not inspect.isfunction(fn) and call is not None and inspect.iscoroutinefunction(call)
 
 
 class AsyncioAdapter(Adapter):
@@ -113,14 +43,14 @@ class AsyncioAdapter(Adapter):
         """A coroutine function of (reader, writer), or an asyncio protocol class."""
         if _is_protocol_class(target):
             return True
-        if isinstance(target, type) or not callable(target) or not _coroutine_function(target):
+        if isinstance(target, type) or not callable(target) or not is_async(target):
             return False
-        params = _positional(target)
+        params = positional_params(target)
         return params is not None and len(params) == 2
 
     def __init__(self, target, options):
         super().__init__(target, options)
-        self.handler_mode = not _is_protocol_class(target) and _coroutine_function(target)
+        self.handler_mode = not _is_protocol_class(target) and is_async(target)
         self.servers = []
         self.tasks = set()        # handler tasks (handler mode)
         self.transports = set()   # open transports (both modes)

@@ -3,7 +3,7 @@
 `uvicorn.Server(config).serve(sockets=ctx.listeners)` runs in this worker's
 asyncio loop with uvicorn's own signal handling switched off: the worker's
 Runtime owns SIGTERM/SIGINT, and its wake fds are readers of the loop (see
-aio.WorkerBridge), so STOP from the master and signals arrive as begin_drain /
+_util.WorkerBridge), so STOP from the master and signals arrive as begin_drain /
 quick_stop on the loop thread. The heartbeat is a task of the same loop.
 
 READY is sent when uvicorn's startup (lifespan startup included) is complete
@@ -30,7 +30,7 @@ import functools
 import logging
 import time
 
-from .aio import WorkerBridge, _coroutine_function, _positional
+from ._util import WorkerBridge, is_async, positional_params
 from .base import Adapter
 
 try:
@@ -49,9 +49,9 @@ DEFAULTS = {"lifespan": "auto", "access_log": False, "log_config": None, "log_le
 
 def is_asgi3(target):
     """A coroutine function (or object with an async __call__) of (scope, receive, send)."""
-    if isinstance(target, type) or not callable(target) or not _coroutine_function(target):
+    if isinstance(target, type) or not callable(target) or not is_async(target):
         return False
-    params = _positional(target)
+    params = positional_params(target)
     return params is not None and len(params) == 3
 
 

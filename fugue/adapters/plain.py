@@ -38,6 +38,7 @@ import threading
 import time
 import traceback
 
+from ._util import at_eof
 from .base import Adapter
 
 log = logging.getLogger("fugue")
@@ -270,8 +271,7 @@ class CallableAdapter(Adapter):
                         self._drain(self._wake_r)
                         continue
                     ctx.dispatch()
-                    # still readable after dispatch(): EOF, the master is gone
-                    if key.fd in wake and _readable(key.fd):
+                    if key.fd in wake and at_eof(key.fd):  # the master is gone: or we would spin
                         sel.unregister(key.fd)
                         wake.remove(key.fd)
                 ctx.tick()
@@ -294,7 +294,8 @@ class CallableAdapter(Adapter):
         if self.ctx.stats.connections > 0:
             return True
         me = threading.current_thread()
-        return any(t.is_alive() and not t.daemon and t is not me for t in threading.enumerate())
+        main = threading.main_thread()
+        return any(t.is_alive() and not t.daemon and t not in (me, main) for t in threading.enumerate())
 
     def begin_drain(self):
         self.stop.set()
@@ -318,9 +319,3 @@ class CallableAdapter(Adapter):
             self._routed_w.send(b"\0")
         except OSError:
             pass
-
-
-def _readable(fd):
-    import select
-
-    return bool(select.select([fd], [], [], 0)[0])

@@ -19,11 +19,11 @@ Routed connections (take_connection) become waitress channels of the first
 listener's server, exactly as if that server had accepted them.
 """
 
-import inspect
 import logging
 import select
 import time
 
+from ._util import at_eof, is_async, positional_params
 from .base import Adapter
 
 try:
@@ -40,29 +40,6 @@ log = logging.getLogger("fugue")
 # waitress options fugue sets unless the app names its own in `wsgi_options`
 # (an attribute on the app object: {"threads": 8, "url_scheme": "https", ...}).
 DEFAULTS = {"threads": 4, "ident": "fugue"}
-
-
-def positional_params(fn):
-    """Names of the positional parameters `fn` takes when called (None if unknown)."""
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None
-    out = []
-    for p in sig.parameters.values():
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            out.append(p.name)
-        elif p.kind is p.VAR_POSITIONAL:
-            out.append("*")
-    return out
-
-
-def is_async(fn):
-    """A coroutine function, or an object whose __call__ is one."""
-    if inspect.iscoroutinefunction(fn):
-        return True
-    call = getattr(fn, "__call__", None)
-    return call is not None and not inspect.isfunction(fn) and inspect.iscoroutinefunction(call)
 
 
 class _Waker:
@@ -83,9 +60,7 @@ class _Waker:
 
     def handle_read_event(self):
         self.ctx.dispatch()
-        # dispatch() reads everything there is; still readable means EOF (the
-        # master is gone): stop polling it, or the loop would spin.
-        if select.select([self.fd], [], [], 0)[0]:
+        if at_eof(self.fd):  # the master is gone: stop polling it, or the loop would spin
             self.map.pop(self.fd, None)
 
     def handle_close(self):
