@@ -90,6 +90,18 @@ def is_routed(data):
     return isinstance(data, dict) and isinstance(data.get("apps"), dict)
 
 
+def is_routed_file(path):
+    """True if the TOML file at `path` has [apps.*] tables; False if not or unreadable
+    (the caller's own loader then reports what is wrong with it)."""
+    import tomllib
+
+    try:
+        with open(os.path.join(config.start_directory(), path), "rb") as f:
+            return is_routed(tomllib.load(f))
+    except (OSError, ValueError):
+        return False
+
+
 def load(path, start_dir=None, overrides=None):
     """Read and validate a routed-mode file. `overrides` (from flags) win over the file."""
     import tomllib

@@ -1060,6 +1060,53 @@ def control_path(config_path, start_dir=None):
     return os.path.join(rc.cfg.path("tmp_path"), f"fugue-{pid}", "control.sock")
 
 
+def ctl_start(args):
+    """`fuguectl start|check -c apps.toml` for a routed-mode file (called by fugue.ctl).
+
+    Flags given to fuguectl (fugue options: --daemonize, --verbose, --workers ...)
+    win over the file's top level, as in the single-app form.
+    """
+    from . import config
+
+    overrides = {}
+    for name in config.NAMES:
+        value = getattr(args, name, None)
+        if value is not None and value != [] and name != "hostnames":
+            overrides[name] = value
+    if args.command == "check":
+        rc = appconf.load(args.config, overrides=overrides)
+        load_hook(rc.router["route"])
+        print(f"ok: {len(rc.apps)} app{'s' if len(rc.apps) != 1 else ''} on {', '.join(rc.cfg.bind)}: "
+              + "; ".join(f"{n} ({', '.join(a.hostnames)})" for n, a in rc.apps.items()))
+        return 0
+    return start(args.config, overrides)
+
+
+def render_status(data):
+    """The human table of `fuguectl status` for a router (the same data as --json)."""
+    r = data.get("router") or {}
+    c = r.get("counters") or {}
+    lines = [f"router    pid {r.get('pid')}, up {r.get('uptime', 0):.1f}s, "
+             f"{', '.join(lst.get('address', '?') for lst in r.get('listeners') or [])}"
+             + (f", stopping ({r['stopping']})" if r.get("stopping") else ""),
+             f"routed    {c.get('accepted', 0)} accepted; refused: {c.get('unknown_host', 0)} unknown host (421), "
+             f"{c.get('unknown_sni', 0)} unknown SNI, {c.get('timed_out', 0)} too slow, "
+             f"{c.get('too_big', 0) + c.get('bad_request', 0)} bad, {c.get('unavailable', 0)} unavailable (503)",
+             "",
+             f"{'APP':14} {'STATE':10} {'MASTER':>7} {'GEN':>4} {'READY':>7} {'ROUTED':>8} {'REQS':>8}  HOSTNAMES"]
+    for name, app in (data.get("apps") or {}).items():
+        m = app.get("master") or {}
+        mm = m.get("master") or {}
+        ready = f"{m.get('ready_workers', '-')}/{mm.get('workers_wanted', '-')}" if m else "-"
+        reqs = (m.get("totals") or {}).get("requests", "-") if m else "-"
+        lines.append(f"{name:14} {app.get('state', '?'):10} {app.get('master_pid') or '-':>7} "
+                     f"{mm.get('generation', '-'):>4} {ready:>7} {app.get('routed', 0):>8} {reqs:>8}  "
+                     f"{', '.join(app.get('hostnames') or [])}")
+        if app.get("status_text"):
+            lines.append(f"{'':14} {app['status_text']}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     """python -m fugue.router -c apps.toml [--daemonize] [--verbose]
     python -m fugue.router -c apps.toml status|reload [APP]|add APP|remove APP|upgrade APP|stop|pid"""
