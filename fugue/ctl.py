@@ -130,8 +130,14 @@ def build_parser():
 
     control("stop", "stop the master gracefully and wait until it is gone").add_argument(
         "--quick", action="store_true", help="quick stop: kill the workers at once (as SIGINT)")
-    control("reload", "start a new worker generation; exit 0 only if it took over")
-    control("upgrade", "re-exec the master (USR2); exit 0 only if the new master took over")
+    control("reload", "start a new worker generation; exit 0 only if it took over").add_argument(
+        "app", nargs="?", metavar="APP", help="routed mode: this app only (default: every app)")
+    control("upgrade", "re-exec the master (USR2); exit 0 only if the new master took over").add_argument(
+        "app", nargs="?", metavar="APP", help="routed mode: the master of this app")
+    control("add", "routed mode: start an app as the config file now describes it").add_argument(
+        "app", metavar="APP", help="the name of its [apps.APP] table")
+    control("remove", "routed mode: stop an app; its hostnames get 421 from now on").add_argument(
+        "app", metavar="APP")
     control("scale", "set the number of workers").add_argument(
         "workers", metavar="N|+N|-N", help="a number of workers, or a change")
     control("reopen-logs", "reopen the log files (as USR1), after logrotate moved them")
@@ -338,6 +344,12 @@ def _report_to_old_master(reason):
 
 
 def _start_or_check(args, tail):
+    from .apps import is_routed_file
+
+    if args.config and is_routed_file(args.config):  # routed mode: [apps.NAME] tables (fugue.router)
+        from .router import ctl_start
+
+        return ctl_start(args)
     options, file_target = gather_options(args)
     target = choose_target(args, tail, file_target) if (
         args.command == "start" or args.target or args.app or tail is not None or file_target) else None
@@ -600,7 +612,8 @@ def control_command(args):
             print(json.dumps(data, indent=2, sort_keys=True) if args.json else render_status(data))
             return 0
     else:
-        reply = talk(master, cmd, _timeout(args, cmd in ("reload", "upgrade")))
+        app = {"app": args.app} if getattr(args, "app", None) else {}  # routed mode: one app
+        reply = talk(master, cmd, _timeout(args, cmd in ("reload", "upgrade", "add", "remove")), **app)
     if not reply.get("ok"):
         raise FugueError(str(reply.get("text") or f"{cmd} failed"))
     done = f"{cmd} done: " if cmd in ("reload", "upgrade") else ""
@@ -645,6 +658,10 @@ def duration(seconds):
 
 def render_status(data):
     """The human table of `fuguectl status` (the same data as --json)."""
+    if "router" in data:  # routed mode
+        from .router import render_status as render_router_status
+
+        return render_router_status(data)
     m = data.get("master") or {}
     workers = data.get("workers") or []
     totals = data.get("totals") or {}
