@@ -134,10 +134,6 @@ def build_parser():
         "app", nargs="?", metavar="APP", help="routed mode: this app only (default: every app)")
     control("upgrade", "re-exec the master (USR2); exit 0 only if the new master took over").add_argument(
         "app", nargs="?", metavar="APP", help="routed mode: the master of this app")
-    control("add", "routed mode: start an app as the config file now describes it").add_argument(
-        "app", metavar="APP", help="the name of its [apps.APP] table")
-    control("remove", "routed mode: stop an app; its hostnames get 421 from now on").add_argument(
-        "app", metavar="APP")
     control("scale", "set the number of workers").add_argument(
         "workers", metavar="N|+N|-N", help="a number of workers, or a change")
     control("reopen-logs", "reopen the log files (as USR1), after logrotate moved them")
