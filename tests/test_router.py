@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import wait_for
+from conftest import ROOT, wait_for
 from fugue import control
 from fugue.apps import parse
 from fugue.errors import ConfigError
@@ -25,6 +25,7 @@ from fugue.errors import ConfigError
 CONFIG = """\
 bind = ["127.0.0.1:0"]
 sniff_timeout = {sniff_timeout}
+{top}
 workers = 2
 graceful_timeout = 5
 
@@ -49,9 +50,9 @@ workers = 1
 """
 
 
-def start_router(fugue_proc, workdir, sniff_timeout=5.0, extra=""):
-    (workdir / "apps.toml").write_text(CONFIG.format(sniff_timeout=sniff_timeout, extra=extra))
-    p = fugue_proc([sys.executable, "-m", "fugue.router", "-c", "apps.toml"])
+def start_router(fugue_proc, workdir, sniff_timeout=5.0, extra="", top=""):
+    (workdir / "apps.toml").write_text(CONFIG.format(sniff_timeout=sniff_timeout, extra=extra, top=top))
+    p = fugue_proc(["fuguectl", "start", "-c", "apps.toml"])
     p.wait_log(r"router serving \d+ apps", timeout=20)
     return p
 
@@ -188,8 +189,12 @@ def test_two_apps_one_port_by_host_and_sni_with_the_real_client_address(fugue_pr
 
 
 def test_slow_and_hostile_clients_are_closed_and_counted(fugue_proc, workdir):
-    p = start_router(fugue_proc, workdir, sniff_timeout=2.0)
+    (workdir / "hook.py").write_text(
+        "def pick(host, sni, peer):\n    return 'beta' if host and host.startswith('hook.') else None\n")
+    p = start_router(fugue_proc, workdir, sniff_timeout=2.0, top='route = "hook:pick"\ndefault_app = "alpha"')
     port = p.port
+    assert get(port, "hook.alpha.test")[1].startswith("beta ")  # the hook goes first
+    assert get(port, "nobody.test")[1].startswith("alpha ")     # default_app, not 421
     silent = socket.create_connection(("127.0.0.1", port))
     no_host = socket.create_connection(("127.0.0.1", port))
     no_host.sendall(b"GET / HTTP/1.1\r\nUser-Agent: slow\r\n")
@@ -263,8 +268,9 @@ def test_reload_of_one_app_under_load_fails_no_request_and_leaves_the_other_alon
     p = start_router(fugue_proc, workdir)
     with Load(p.port, ["alpha.test", "beta.test"]) as load:
         wait_for(lambda: min(load.ok.values()) >= 20, 10, "traffic on both apps")
-        reply = ask(p, "reload", app="alpha")
-        assert reply["ok"], reply
+        reload = subprocess.run([sys.executable, "-m", "fugue.ctl", "reload", "-c", "apps.toml", "alpha"],
+                                cwd=p.cwd, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
+        assert reload.returncode == 0 and "alpha: generation 2 serving" in reload.stdout, reload
         before = dict(load.ok)
         wait_for(lambda: all(load.ok[h] >= before[h] + 20 for h in before), 10, "traffic after the reload")
         # A reload that fails (the new code breaks at import) rolls back that app alone.
