@@ -16,7 +16,7 @@ import socket
 import time
 
 from . import protocol
-from .fds import peer_credentials
+from .fds import bind_unix_path, connect_unix_path, peer_credentials
 from .policy import LIVE
 
 log = logging.getLogger("fugue")
@@ -32,7 +32,7 @@ class ControlServer:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         old = os.umask(0o177)
         try:
-            self.sock.bind(path)
+            bind_unix_path(self.sock, path)
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
@@ -221,7 +221,7 @@ def request(path, cmd, timeout=None, **fields):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.settimeout(timeout)
     try:
-        sock.connect(path)
+        connect_unix_path(sock, path)
         try:
             sock.send(protocol.encode("cmd", cmd=cmd, **fields))
         except (BrokenPipeError, ConnectionResetError):

@@ -237,6 +237,32 @@ def close_listeners(listeners, unlink=False):
                 pass
 
 
+def _via_directory(op, sock, path):
+    """bind/connect a Unix socket whose path may exceed sun_path (107 bytes).
+
+    A deep tmp_path is legitimate, so a long path is reached relative to its
+    directory (chdir there, use the base name, chdir back). The master is
+    single-threaded, so the working directory is ours to borrow for a moment.
+    """
+    if len(os.fsencode(path)) <= UNIX_PATH_MAX:
+        return op(path)
+    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.chdir(os.path.dirname(path))
+        return op(os.path.basename(path))
+    finally:
+        os.fchdir(here)
+        os.close(here)
+
+
+def bind_unix_path(sock, path):
+    return _via_directory(sock.bind, sock, path)
+
+
+def connect_unix_path(sock, path):
+    return _via_directory(sock.connect, sock, path)
+
+
 def send_with_fds(sock, data, fds):
     """One packet with descriptors attached (SCM_RIGHTS)."""
     if not fds:

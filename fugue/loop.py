@@ -7,6 +7,7 @@ handler (the trio/asyncio wakeup-socketpair pattern, Unicorn's self-pipe).
 """
 
 import collections
+import logging
 import selectors
 import signal
 import socket
@@ -64,7 +65,11 @@ class Loop:
                 except (BlockingIOError, InterruptedError):
                     pass
             else:
-                key.data()
+                try:
+                    key.data()
+                except Exception:  # noqa: BLE001 - one bad reader must not stop the loop
+                    logging.getLogger("fugue").exception(
+                        "internal error in a reader (please report it); the loop goes on")
 
     def pop_signals(self):
         out = []
