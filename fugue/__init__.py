@@ -127,18 +127,24 @@ def start(server, port=None, host=None, workers=None, options=None):
 
 
 def _target_for_script():
-    """What a worker runs to get the same server: this script, or this module."""
+    """What a worker runs to get the same server: the script or module this process was started with.
+
+    Read from sys.orig_argv, not __main__: a launcher script may have run the app
+    with runpy, and the workers must run the launcher again, as the master did.
+    """
     from .config import start_directory
 
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name and spec.name != "__main__":
-        name = spec.name[:-len(".__main__")] if spec.name.endswith(".__main__") else spec.name
-        return {"module": name, "argv": list(sys.argv)}
-    script = getattr(main, "__file__", None) or sys.argv[0]
-    if not script or not os.path.exists(script):
-        raise FugueError("fugue.start must be called from a script or module that workers can run again")
-    return {"script": os.path.join(start_directory(), script), "argv": list(sys.argv)}
+    orig = list(getattr(sys, "orig_argv", []))[1:]
+    i = 0
+    while i < len(orig) and orig[i].startswith("-") and orig[i] not in ("-m", "-c", "-"):
+        i += 2 if orig[i] in ("-X", "-W") else 1
+    rest = orig[i:]
+    if rest[:1] == ["-m"] and len(rest) > 1:
+        return {"module": rest[1], "argv": [rest[1]] + rest[2:]}
+    if rest and rest[0] not in ("-c", "-") and os.path.exists(rest[0]):
+        return {"script": os.path.join(start_directory(), rest[0]), "argv": rest}
+    raise FugueError("fugue.start must be called from a script or module that workers can run again "
+                     "(not from python -c or an interactive session)")
 
 
 def _run_master(server, port, host, workers, options):

@@ -21,7 +21,8 @@ import time
 
 from . import notify, policy, protocol, workers
 from .errors import FugueError
-from .fds import Listener, close_listeners, peer_credentials, private_dir, recv_with_fds, send_with_fds
+from .fds import (Listener, bind_unix_path, close_listeners, connect_unix_path, peer_credentials,
+                  private_dir, recv_with_fds, send_with_fds)
 from .loop import Loop
 from .policy import WorkerState
 
@@ -105,6 +106,7 @@ class Master:
         self.workers = {}               # pid -> Worker
         self.target_count = cfg.workers
         self.generation = first_generation - 1
+        self.last_generation = self.generation  # numbers are never reused, even after a rollback
         self.rollout = None
         self.upgrade = None
         self.failures = {}              # slot -> consecutive early deaths
@@ -196,7 +198,7 @@ class Master:
             while True:
                 self.reap()
                 for signum in self.loop.pop_signals():
-                    self.handle_signal(signum)
+                    self._refusable(lambda: self.handle_signal(signum))
                 if self.finished():
                     break
                 deadline = self.step()
@@ -475,7 +477,7 @@ class Master:
                       if w.state is not WorkerState.STARTING and w.generation != self.generation})
         if old:
             raise Refused(f"reload refused: generation {old[0]} is still draining")
-        gen = self.generation + 1
+        gen = self.last_generation = self.last_generation + 1
         now = time.monotonic()
         self.rollout = Rollout(gen, source, now, initial=initial)
         if waiter:
@@ -596,7 +598,7 @@ class Master:
         path = os.path.join(directory, "handoff.sock")
         server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            server.bind(path)
+            bind_unix_path(server, path)
             os.chmod(path, 0o600)
             server.listen(1)
             server.setblocking(False)
@@ -834,12 +836,15 @@ class Master:
                 log.debug("WINCH ignored: not daemonized")
 
     def _refusable(self, fn):
+        """Run a command; a refusal or failure is logged, and the master goes on serving."""
         try:
             fn()
         except Refused as e:
             log.warning("%s", e)
         except FugueError as e:
             log.error("%s", e)
+        except Exception:  # noqa: BLE001 - a bug in one command must not take the service down
+            log.exception("internal error (please report it); the master goes on")
 
     def scale(self, count):
         count = max(0, count)
@@ -914,7 +919,7 @@ def connect_handoff(path):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.settimeout(30)
     try:
-        sock.connect(path)
+        connect_unix_path(sock, path)
         pid, uid, _ = peer_credentials(sock)
         expected = int(os.environ.get("FUGUE_UPGRADE_FROM", 0) or 0)
         if uid != os.getuid() or (expected and pid != expected):

@@ -25,6 +25,9 @@ from .workers import ENV_CHANNEL, ENV_GENERATION, ENV_TARGET, ENV_WORKER_ID
 
 log = logging.getLogger("fugue")
 
+# Options the worker takes from the app's own fugue.start call (the new code), not the master.
+APP_OWNED = ("wait_ready", "startup_check", "adapter")
+
 # The one runtime of this process, or None in the master and outside fugue.
 current = None
 
@@ -271,7 +274,11 @@ def serve(target, local_options=None):
     """Run `target` in this worker until it is stopped. Called by fugue.start in a worker."""
     rt = current
     opts = dict(rt.options)
-    opts.update({k: v for k, v in (local_options or {}).items() if callable(v)})
+    # What the new code says about itself wins: it is what is being deployed.
+    local = {k: v for k, v in (local_options or {}).items() if k in APP_OWNED or callable(v)}
+    opts.update(local)
+    if "wait_ready" in local:
+        rt._app_ready = rt._app_ready and not local["wait_ready"]
     check = opts.get("startup_check")
     if check:
         try:
