@@ -61,7 +61,8 @@ def collect(master):
             "last_event": None if event is None else {
                 "what": event[0], "ok": event[1], "text": event[2], "at": event[3],
                 "ago": round(wall - event[3], 3)},
-            "watch": None if master.watcher is None else not getattr(master.watcher, "paused", False),
+            "watch": None if master.watcher is None else not getattr(
+                master.watcher, "paused", getattr(master.watcher, "_paused", False)),
         },
         "listeners": [lst.describe() for lst in master.listeners],
         "totals": totals,

@@ -149,6 +149,18 @@ def test_upgrade_shows_why_a_new_master_could_not_start(fugue_proc, workdir):
     assert p.body().startswith("hello")
 
 
+def test_watch_pause_and_resume(fugue_proc, workdir):
+    start(fugue_proc, "-w", "1", "--bind", "127.0.0.1:0", "--watch", "app.py")
+    assert status_json(workdir)["master"]["watch"] is True
+    rc, out, err = run_ctl(["watch", "off"], workdir)
+    assert (rc, out.strip()) == (0, "watch off"), err
+    assert status_json(workdir)["master"]["watch"] is False
+    rc, out, err = run_ctl(["watch", "on"], workdir)
+    assert (rc, out.strip()) == (0, "watch on"), err
+    rc, _, err = run_ctl(["stop"], workdir)
+    assert rc == 0, err
+
+
 # -- start: targets, precedence, daemon --------------------------------------------------------
 
 def test_config_file_wins_over_the_script_and_flags_over_the_file(fugue_proc, workdir):
