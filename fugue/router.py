@@ -58,6 +58,7 @@ BACKLOG_RETRY = 0.005      # an app's inbox was full: try again this soon
 ASK_TIMEOUT = 5.0          # status from an app's master
 ASK_SLOW_TIMEOUT = 600.0   # reload / upgrade: the app's master answers when it knows
 COMMANDS = ("status", "reload", "upgrade", "add", "remove", "stop", "reopen-logs", "scale", "pid")
+_MISS = object()
 _REASONS = {400: "Bad Request", 421: "Misdirected Request", 503: "Service Unavailable"}
 
 
@@ -131,6 +132,7 @@ class Router:
         self.loop = Loop()
         self.apps = {}
         self.table = rc.host_table()
+        self.lookup = {}
         self.sniff_timeout = rc.router["sniff_timeout"]
         self.max_bytes = rc.router["sniff_max_bytes"]
         self.default_app = rc.router["default_app"]
@@ -191,8 +193,10 @@ class Router:
             self.add_app(spec)
         try:
             while True:
-                self.reap()
-                for signum in self.loop.pop_signals():
+                signums = self.loop.pop_signals()
+                if signal.SIGCHLD in signums:
+                    self.reap()
+                for signum in signums:
                     self.handle_signal(signum)
                 if self.finished():
                     break
@@ -314,7 +318,11 @@ class Router:
                 self.counters["hook_errors"] += 1
                 log.exception("route hook failed for %r", name)
         if choice is None:
-            choice = self.table.lookup(name)
+            choice = self.lookup.get(name, _MISS)
+            if choice is _MISS:
+                choice = self.lookup[name] = self.table.lookup(name)
+                if len(self.lookup) > 4096:  # names are the client's to choose: bound the cache
+                    self.lookup.clear()
         if choice is None:
             choice = self.default_app
         app = self.apps.get(choice)
@@ -447,6 +455,7 @@ class Router:
 
         self.table = HostTable({name: list(app.spec.hostnames) for name, app in self.apps.items()
                                 if app.removing is None})
+        self.lookup = {}  # name as sniffed -> app name, or None
 
     def spawn_master(self, app):
         from .workers import python_argv

@@ -295,6 +295,14 @@ def test_apps_are_added_and_removed_at_run_time(fugue_proc, workdir):
     reply = ask(p, "add", app="gamma", spec=spec)
     assert reply["ok"], reply
     assert get(port, "gamma.test")[1].startswith("gamma ")
+    # USR2 of one app's master: the new master is reparented to the router, which follows it.
+    old_master = ask(p, "status", app="gamma")["data"]["apps"]["gamma"]["master_pid"]
+    reply = ask(p, "upgrade", app="gamma")
+    assert reply["ok"], reply
+    wait_for(lambda: ask(p, "status", app="gamma")["data"]["apps"]["gamma"]["master_pid"] != old_master,
+             10, "the router to follow gamma's new master")
+    assert get(port, "gamma.test")[1].startswith("gamma ")
+    p.wait_log(rf"its old master pid {old_master} exited")
     refused = ask(p, "add", app="delta", spec={"hostnames": ["gamma.test"], "app": "m:x"})
     assert not refused["ok"] and "claimed by both" in refused["text"]
     broken = ask(p, "add", app="delta", spec={"hostnames": ["delta.test"], "app": "no_such_module:app"})
