@@ -273,6 +273,9 @@ def test_reload_of_one_app_under_load_fails_no_request_and_leaves_the_other_alon
         assert reload.returncode == 0 and "alpha: generation 2 serving" in reload.stdout, reload
         before = dict(load.ok)
         wait_for(lambda: all(load.ok[h] >= before[h] + 20 for h in before), 10, "traffic after the reload")
+        wait_for(lambda: {w["generation"] for w in
+                          ask(p, "status", app="alpha")["data"]["apps"]["alpha"]["master"]["workers"]} == {2},
+                 10, "alpha's generation 1 to finish draining")
         # A reload that fails (the new code breaks at import) rolls back that app alone.
         (workdir / "alpha.broken").write_text("")
         reply = ask(p, "reload", app="alpha")
