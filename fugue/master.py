@@ -529,7 +529,7 @@ class Master:
             text = f"start failed: {reason}"
             log.error("%s", text)
             self.last_event = ("start", False, text, time.time())
-            self.ready_fd = self._tell_launcher(False, reason)
+            # The launcher hears it from shutdown(), once nothing is left behind.
             if self.handoff is not None and self.old_master:  # so `fuguectl upgrade` shows why
                 self._send_handoff(protocol.FAILED, reason=reason)
             for waiter in rollout.waiters:
@@ -886,10 +886,13 @@ class Master:
     def shutdown(self):
         from .daemon import remove_pid
 
-        if self.ready_fd is not None:
-            self.ready_fd = self._tell_launcher(False, getattr(self, "fatal_reason", "the master stopped"))
         for w in list(self.workers.values()):
             self._signal(w, signal.SIGKILL)
+        for pid in list(self.workers):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
         if self.watcher is not None:
             self.watcher.stop()
         if self.control is not None:
@@ -903,6 +906,8 @@ class Master:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         self.loop.close()
         log.info("master exiting (status %d)", self.exit_status)
+        if self.ready_fd is not None:  # last: the launcher's exit status is the final word
+            self.ready_fd = self._tell_launcher(False, getattr(self, "fatal_reason", "the master stopped"))
 
 
 def default_name(target):

@@ -25,18 +25,30 @@ APPS = os.path.join(ROOT, "tests", "apps")
 PY = sys.executable
 
 
-def tagged_pids(tag):
-    """Pids of live processes whose environment carries FUGUE_TEST_TAG=tag."""
+def tagged_pids(tag, session=None):
+    """Pids of live processes whose environment carries FUGUE_TEST_TAG=tag (or in `session`).
+
+    setproctitle normally reuses the environ area for the title, which would hide
+    the tag: the harness sets SPT_NOENV=1 so it leaves the environment alone.
+    Zombies are not counted: they hold nothing.
+    """
     needle = f"FUGUE_TEST_TAG={tag}".encode()
     out = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            if fields[0] == "Z":
+                continue
+            if session is not None and int(fields[3]) == session:
+                out.append(int(name))
+                continue
             with open(f"/proc/{name}/environ", "rb") as f:
                 if needle in f.read().split(b"\0"):
                     out.append(int(name))
-        except OSError:
+        except (OSError, IndexError, ValueError):
             pass
     return out
 
@@ -138,7 +150,8 @@ class Proc:
         return body
 
     def pids(self):
-        return tagged_pids(self.tag)
+        return [pid for pid in tagged_pids(self.tag, self.popen.pid) if pid != self.popen.pid
+                or self.popen.poll() is None]
 
     def master_pid(self, pid_file="fugue.pid"):
         path = os.path.join(self.cwd, pid_file)
@@ -207,6 +220,7 @@ def fugue_proc(workdir):
         full_env["PYTHONPATH"] = ROOT
         full_env["PYTHONUNBUFFERED"] = "1"
         full_env["FUGUE_TEST_TAG"] = uuid.uuid4().hex
+        full_env["SPT_NOENV"] = "1"  # keep the tag readable in /proc/PID/environ
         full_env.update(env or {})
         if argv and argv[0] == "fuguectl":
             argv = [python, "-m", "fugue.ctl"] + list(argv[1:])
