@@ -124,7 +124,7 @@ def decide(s):
             due(w.last_beat + s.timeout, Kill(w.pid, f"no heartbeat for {s.timeout:g}s"))
         elif w.state is WorkerState.DRAINING and w.stop_deadline is not None:
             due(w.stop_deadline, Kill(w.pid, "did not stop within graceful_timeout"))
-    killed = {a.pid for a in actions}
+    killed = {a.pid for a in actions if isinstance(a, Kill)}
     live = [w for w in s.workers if w.state in LIVE and w.pid not in killed]
 
     if s.stopping:
