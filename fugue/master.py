@@ -231,6 +231,11 @@ class Master:
 
     def act(self, action, now):
         if isinstance(action, policy.Spawn):
+            # An earlier action of the same pass (a Kill that rolled the rollout back
+            # or failed the start) can have made this spawn stale: skip it then.
+            wanted = self.rollout.generation if self.rollout else self.generation
+            if self.stopping or action.generation != wanted:
+                return
             self.spawn_worker(action.slot, action.generation, now)
         elif isinstance(action, policy.Stop):
             w = self.workers.get(action.pid)
