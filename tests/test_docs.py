@@ -1,0 +1,34 @@
+"""README stays true to the code: every option and every fuguectl command is in it."""
+
+import os
+import re
+
+from fugue.config import OPTIONS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+def test_every_option_is_in_the_readme_table():
+    text = readme()
+    for name, _, _, _ in OPTIONS:
+        assert re.search(rf"^\| `{name}` \|", text, re.M), f"option {name} missing from README"
+
+
+def test_every_fuguectl_command_is_in_the_readme():
+    from fugue.control import COMMANDS
+
+    text = readme()
+    for cmd in COMMANDS:
+        assert f"fuguectl {cmd}" in text, f"fuguectl {cmd} missing from README"
+
+
+def test_readme_set_up_commands_match_ci():
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = f.read()
+    test_command = "pip install -e '.[test]' && python3 -m pytest"
+    assert test_command in readme() and test_command in ci
