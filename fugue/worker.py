@@ -36,6 +36,22 @@ class WorkerExit(SystemExit):
     pass
 
 
+class _RecyclingStats(Stats):
+    """Stats that call `wake()` once, on the request that reaches max_requests."""
+
+    def __init__(self, limit, wake):
+        super().__init__()
+        self._limit = limit
+        self._wake_loop = wake
+        self._woken = False
+
+    def request_finished(self, key=None):
+        super().request_finished(key)
+        if self.requests >= self._limit and not self._woken:
+            self._woken = True
+            self._wake_loop()
+
+
 class Runtime(WorkerContext):
     """The worker side of the channel; the adapter's view of fugue."""
 
@@ -69,6 +85,9 @@ class Runtime(WorkerContext):
             import random
 
             self._max_requests += random.randint(0, int(self.options.get("max_requests_jitter") or 0))
+            # Requests finish on handler threads: the one that reaches the limit wakes the loop,
+            # which recycles at once rather than at the next heartbeat (up to 10 s later).
+            self.stats = _RecyclingStats(self._max_requests, self._wake)
         self._max_memory = int(self.options.get("max_memory") or 0)
 
     # -- what adapters call -------------------------------------------------
@@ -82,12 +101,12 @@ class Runtime(WorkerContext):
 
     def tick(self):
         now = time.monotonic()
+        self._recycle_if_due(memory=False)
         if now < self._next_beat or self.master_gone:
             return
         self._next_beat = now + self.tick_interval
         self._send(protocol.HEARTBEAT, stats=self._small_stats())
-        if not self.draining and self._should_recycle():
-            self.begin_drain("recycling")
+        self._recycle_if_due(memory=True)
 
     def log(self, message):
         log.info(message)
@@ -100,6 +119,7 @@ class Runtime(WorkerContext):
                 pass
         except (BlockingIOError, InterruptedError):
             pass
+        self._recycle_if_due(memory=False)
         if self._pending_stop:
             kind, self._pending_stop = self._pending_stop, None
             self._stop(kind)
@@ -146,17 +166,32 @@ class Runtime(WorkerContext):
             self._send(protocol.READY, pid=os.getpid())
             self.tick()
 
-    def _should_recycle(self):
+    def _recycle_if_due(self, memory):
+        if self.draining or self.master_gone:
+            return
+        why = self._should_recycle(memory)
+        if why:
+            self.begin_drain(why)
+
+    def _should_recycle(self, memory=True):
+        """Why this worker should recycle itself now (max_requests, max_memory), or None."""
         if self._max_requests and self.stats.requests >= self._max_requests:
-            return True
-        if self._max_memory:
+            return f"served {self.stats.requests} requests, max_requests {self._max_requests}"
+        if self._max_memory and memory:
             try:
                 with open(f"/proc/{os.getpid()}/statm") as f:
                     rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
             except (OSError, ValueError, IndexError):
-                return False
-            return rss > self._max_memory
-        return False
+                return None
+            if rss > self._max_memory:
+                return f"RSS {rss >> 20} MB > max_memory {self._max_memory >> 20} MB"
+        return None
+
+    def _wake(self):
+        try:
+            self._sig_w.send(b"\0")
+        except OSError:
+            pass
 
     def begin_drain(self, why):
         """Recycle ourselves: the master refills the slot once we exit."""
