@@ -56,13 +56,20 @@ def is_fugue_master(pid):
 
 
 def alive(pid):
+    """True if `pid` runs (a zombie nobody reaped yet is gone: it holds nothing)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        return True
 
 
 def check_pid_file(path):
