@@ -19,7 +19,8 @@ listen backlog.
 What it promises: `Inbox` looks to an adapter like a non-blocking listening
 stream socket: `accept()` returns (connection, client address) or raises
 BlockingIOError, `listen()` does nothing, `type` says SOCK_STREAM (asyncio's
-create_server(sock=...) checks it). The client address is the real one: the
+create_server(sock=...) checks it) and `family` AF_INET (waitress picks its
+server class by it). The client address is the real one: the
 descriptor is the client's TCP connection itself.
 """
 
@@ -46,11 +47,18 @@ class Inbox(socket.socket):
         # listener; what accept() returns is one.
         return socket.SOCK_STREAM
 
+    @property
+    def family(self):
+        # What it carries: the router's TCP connections. Servers choose their
+        # kind by the listener's family (waitress serves an AF_UNIX listener as
+        # a Unix server, which reports every client as "localhost").
+        return socket.AF_INET
+
     def listen(self, backlog=None):
         pass  # the router's listener has the backlog
 
     def getsockname(self):
-        return ("", 0)  # no address of its own; each connection knows its own
+        return ("0.0.0.0", 0)  # no address of its own (each connection knows its own); AF_INET-shaped
 
     def accept(self):
         """(connection, client address) of the next routed connection.

@@ -323,3 +323,36 @@ def test_apps_are_added_and_removed_at_run_time(fugue_proc, workdir):
     p.signal(15)  # the router stops gracefully, with every app
     assert p.wait_exit(20) == 0
     assert p.pids() == []
+
+
+KINDS = """
+[apps.wsgi]
+hostnames = ["wsgi.test"]
+app = "routed_kinds:wsgi_app"
+workers = 1
+
+[apps.asgi]
+hostnames = ["asgi.test"]
+app = "routed_kinds:asgi_app"
+workers = 1
+
+[apps.aio]
+hostnames = ["aio.test"]
+app = "routed_kinds:aio_handler"
+workers = 1
+"""
+
+
+def test_every_adapter_kind_takes_routed_connections_with_the_client_address(fugue_proc, workdir):
+    pytest.importorskip("waitress")
+    pytest.importorskip("uvicorn")
+    p = start_router(fugue_proc, workdir, extra=KINDS)
+    for kind in ("wsgi", "asgi", "asyncio"):
+        conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=10)
+        conn.request("GET", "/", headers={"Host": {"asyncio": "aio.test"}.get(kind, f"{kind}.test")})
+        local = conn.sock.getsockname()
+        resp = conn.getresponse()
+        body = resp.read().decode()
+        conn.close()
+        assert resp.status == 200 and body.startswith(kind + " "), body
+        assert body.rstrip().endswith(f"peer {local[0]}:{local[1]}"), (local, body)
