@@ -127,6 +127,29 @@ def test_config_shared_options_are_app_defaults():
     assert rc.cfg.bind == ["127.0.0.1:80"]
 
 
+def test_an_inbox_passes_connections_like_a_listener():
+    from fugue.inbox import Inbox, inbox_pair, send_connection
+
+    router_end, app_end = inbox_pair()
+    inbox = Inbox(fileno=app_end.detach())
+    inbox.setblocking(False)
+    assert inbox.type == socket.SOCK_STREAM and inbox.family == socket.AF_INET
+    with pytest.raises(BlockingIOError):
+        inbox.accept()
+    for peer in (("10.1.2.3", 4567), ("2001:db8::1", 443, 0, 0)):  # the plain and the JSON encoding
+        client, server = socket.socketpair()
+        send_connection(router_end, server.fileno(), {"peer": peer, "host": "x.test", "via": "http"})
+        server.close()
+        conn, got = inbox.accept()
+        assert got == peer and conn.gettimeout() is None
+        conn.sendall(b"hi")
+        assert client.recv(2) == b"hi"
+        conn.close()
+        client.close()
+    router_end.close()
+    inbox.close()
+
+
 # -- routing ---------------------------------------------------------------------------
 
 @pytest.fixture
