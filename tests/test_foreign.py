@@ -4,6 +4,7 @@ under load, rolled back, upgraded; and fugue itself socket-activated."""
 
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -13,10 +14,66 @@ import sys
 import pytest
 
 from conftest import APPS, PY, SYSTEM_PYTHON, UnixHTTPConnection, wait_for
+from fugue import foreign, policy
+from fugue.policy import Kill, Promote, Ready, Spawn, WorkerState, WorkerView
 from test_adapters import Load, status
 
 NODE = shutil.which("node")
 needs_node = pytest.mark.skipif(NODE is None, reason="needs node")
+
+
+# -- pure parts -------------------------------------------------------------------------
+
+STARTING, READY = WorkerState.STARTING, WorkerState.READY
+INF = float("inf")
+
+
+@pytest.mark.parametrize("workers, pending, expected", [
+    # stable_after not reached yet: nothing but the wait
+    ([WorkerView(10, 1, 1, STARTING, 0.0, INF, None, 1.0)], 1, []),
+    # reached: Ready, and no replacement spawned for the worker it names
+    ([WorkerView(10, 1, 1, STARTING, 0.0, INF, None, 0.5)], 1, [Ready(10)]),
+    # READY and foreign (no heartbeat): promoted, never killed for silence
+    ([WorkerView(10, 1, 1, READY, 0.0, INF)], 1, [Promote(1)]),
+    ([WorkerView(10, 1, 1, READY, 0.0, INF)], None, []),
+    # ready_timeout comes first: killed, and the slot refilled
+    ([WorkerView(10, 1, 1, STARTING, -40.0, INF, None, 5.0)], 1, [Kill(10, "not ready after 30s"), Spawn(1, 1)]),
+])
+def test_policy_foreign_readiness(workers, pending, expected):
+    actions, _ = policy.decide(policy.Snapshot(now=0.8, workers=tuple(workers), target=1,
+                                               generation=1 if pending is None else 0, pending=pending))
+    assert actions == expected
+
+
+@pytest.mark.parametrize("data, fields", [
+    (b"READY=1", {"READY": "1"}),
+    (b"READY=1\nSTATUS=warming up: 3/4 = 75%\n", {"READY": "1", "STATUS": "warming up: 3/4 = 75%"}),
+    (b"garbage\n=x\nMAINPID=12", {"MAINPID": "12"}),
+])
+def test_notify_datagrams_parse(data, fields):
+    assert foreign.parse(data) == fields
+
+
+def test_notify_socket_checks_the_senders_uid():
+    ns = foreign.NotifySocket(1, 1, {os.getuid()})
+    try:
+        assert ns.address.startswith("@fugue-")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect("\0" + ns.address[1:])
+            s.send(b"READY=1\nSTATUS=up")
+        wait_for(lambda: select.select([ns], [], [], 0)[0], what="the datagram")
+        assert ns.read() == ([({"READY": "1", "STATUS": "up"}, os.getpid())], 0)
+        ns.allowed = {12345}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect("\0" + ns.address[1:])
+            s.send(b"READY=1")
+        wait_for(lambda: select.select([ns], [], [], 0)[0], what="the datagram")
+        assert ns.read() == ([], 1)
+    finally:
+        ns.close()
+
+
+# -- process tests -----------------------------------------------------------------------
 
 
 def fuguectl(*args):
@@ -51,8 +108,10 @@ def reload_and_roll_back(p, load, program, broken_line):
 def test_node_server_reload_under_load_and_rollback(fugue_proc, workdir):
     program = workdir / "node_server.js"
     shutil.copy(os.path.join(APPS, "node_server.js"), program)
-    p = fugue_proc(fuguectl("--workers", "2", "--stable-after", "0.3", "--", "node", "node_server.js")).started()
-    assert re.search(r"worker 1 \(pid \d+, generation 1\) ready \(up for 0.3s\)", p.log())
+    # stable_after must outlast the program's start (a loaded machine included), or a
+    # version that crashes while starting would count as READY: notify has no such guess.
+    p = fugue_proc(fuguectl("--workers", "2", "--stable-after", "1.5", "--", "node", "node_server.js")).started()
+    assert re.search(r"worker 1 \(pid \d+, generation 1\) ready \(up for 1.5s\)", p.log())
     body = p.body()
     assert "generation 1 version v1 node" in body
     load = Load(p.port)
@@ -127,9 +186,11 @@ def test_stop_signal_then_sigkill_after_graceful_timeout(fugue_proc, workdir):
         "import os, signal, time\n"
         "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
         "signal.signal(signal.SIGINT, lambda *a: print('got SIGINT', os.getpid(), flush=True))\n"
+        "print('stubborn: handlers set', flush=True)\n"
         "while True:\n    time.sleep(0.05)\n")
     p = fugue_proc(fuguectl("--workers", "1", "--stable-after", "0.2", "--stop-signal", "INT",
                             "--graceful-timeout", "0.3", "--", PY, "stubborn.py")).started()
+    p.wait_log(r"stubborn: handlers set")
     p.signal(signal.SIGTERM)
     p.wait_log(r"got SIGINT \d+")  # the configured stop signal, not TERM
     p.wait_log(r"killing worker 1 .*did not stop within graceful_timeout")
