@@ -138,6 +138,7 @@ class Master:
         for name in os.listdir(tmp):
             if name.startswith("probe-"):
                 shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+        sweep_stale(tmp)
         path = os.path.join(tmp, f"fugue-{os.getpid()}")
         shutil.rmtree(path, ignore_errors=True)  # a stale one from a reused pid
         os.mkdir(path, 0o700)
@@ -508,9 +509,13 @@ class Master:
             waiter(True, text)
         if rollout.initial:
             self.ready_fd = self._tell_launcher(True, str(os.getpid()))
-            if self.handoff is not None:
+            if self.handoff is not None and self.old_master:
                 self._send_handoff(protocol.NEW_READY)
             else:
+                if self.handoff is not None:  # the old master died while we started: the pid file is ours
+                    from .daemon import write_pid
+
+                    write_pid(self.pid_file)
                 notify.send("READY=1", f"MAINPID={os.getpid()}", f"STATUS={text}")
         else:
             notify.send("READY=1", f"STATUS={text}")
@@ -599,7 +604,8 @@ class Master:
             raise Refused("upgrade refused: a reload is in progress")
         if self.handoff is not None and self.old_master:
             raise Refused("upgrade refused: the old master is still draining")
-        directory = private_dir(self.cfg.path("tmp_path"), "fugue-upgrade-")
+        # Named by our pid, so that the next master can sweep it if we are killed mid-upgrade.
+        directory = private_dir(self.cfg.path("tmp_path"), f"fugue-upgrade-{os.getpid()}-")
         path = os.path.join(directory, "handoff.sock")
         server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -719,6 +725,8 @@ class Master:
         if up.conn is not None:
             self.loop.remove_reader(up.conn)
             up.conn.close()
+        # Killed, it could not remove its own run directory: nobody else will.
+        shutil.rmtree(os.path.join(self.cfg.path("tmp_path"), f"fugue-{up.pid}"), ignore_errors=True)
         if not up.stepped_down:
             text = (f"upgrade failed: new master pid {up.pid} {desc}"
                     f"{': ' + up.reason if up.reason else ' (see the log above)'}; "
@@ -801,7 +809,11 @@ class Master:
         old, self.old_master = self.old_master, None
         self.handoff.close()
         self.handoff_done = True
-        from .daemon import read_pid, write_pid
+        from .daemon import read_pid, remove_pid, write_pid
+
+        # Killed with SIGKILL, the old master left its run directory and perhaps its .oldbin.
+        shutil.rmtree(os.path.join(self.cfg.path("tmp_path"), f"fugue-{old}"), ignore_errors=True)
+        remove_pid(self.pid_file + ".oldbin", old)
 
         try:
             current = read_pid(self.pid_file)
@@ -913,6 +925,26 @@ class Master:
         log.info("master exiting (status %d)", self.exit_status)
         if self.ready_fd is not None:  # last: the launcher's exit status is the final word
             self.ready_fd = self._tell_launcher(False, getattr(self, "fatal_reason", "the master stopped"))
+
+
+def sweep_stale(tmp):
+    """Remove what masters killed with SIGKILL left in tmp_path: run directories
+    (fugue-PID) and handoff directories (fugue-upgrade-PID-*) of our uid whose pid is gone."""
+    import re
+
+    from .daemon import alive
+
+    for name in os.listdir(tmp):
+        m = re.fullmatch(r"fugue-(?:upgrade-)?(\d+)(?:-.*)?", name)
+        path = os.path.join(tmp, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if m and int(m.group(1)) != os.getpid() and not alive(int(m.group(1))) and (
+                st.st_uid == os.getuid() and os.path.isdir(path) and not os.path.islink(path)):
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s, left behind by pid %s", path, m.group(1))
 
 
 def default_name(target):
