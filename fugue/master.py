@@ -182,7 +182,6 @@ class Master:
         self.watcher.start()
         self.loop.add_reader(self.watcher.fileno(), self._on_watch)
         self.watch_pending = False
-        log.info("watching %s for changes", ", ".join(paths))
 
     def app_dir(self):
         if "script" in self.target:
@@ -209,7 +208,12 @@ class Master:
         return self.exit_status
 
     def step(self):
-        """decide -> act, until decide has nothing more to do; returns the next deadline."""
+        """timers -> decide -> act, until decide has nothing more to do; returns the next deadline.
+
+        Timers first: a due one may start a rollout (watch) that decide must see now.
+        """
+        timers = [self._upgrade_deadline(), self._watch_deadline(),
+                  self.control.deadline() if self.control else None]
         for _ in range(4):
             now = time.monotonic()
             actions, deadline = policy.decide(self.snapshot(now))
@@ -217,8 +221,7 @@ class Master:
                 break
             for action in actions:
                 self.act(action, now)
-        deadlines = [d for d in (deadline, self._upgrade_deadline(), self._watch_deadline(),
-                                 self.control.deadline() if self.control else None) if d]
+        deadlines = [d for d in [deadline] + timers if d]
         return min(deadlines, default=None)
 
     def snapshot(self, now):
@@ -471,18 +474,9 @@ class Master:
 
     def begin_rollout(self, source, initial=False, waiter=None):
         """Start a new generation (HUP, fuguectl reload, a watched change, or the start)."""
-        if self.stopping:
-            raise Refused("reload refused: the master is stopping")
-        if self.rollout is not None:
-            raise Refused(f"reload refused: generation {self.rollout.generation} is still starting")
-        if self.upgrade is not None:
-            raise Refused("reload refused: an upgrade is in progress")
-        if self.handoff is not None and not initial and self.old_master:
-            raise Refused("reload refused: the old master is still draining")
-        old = sorted({w.generation for w in self.workers.values()
-                      if w.state is not WorkerState.STARTING and w.generation != self.generation})
-        if old:
-            raise Refused(f"reload refused: generation {old[0]} is still draining")
+        why = self.reload_blocker(initial)
+        if why:
+            raise Refused(f"reload refused: {why}")
         gen = self.last_generation = self.last_generation + 1
         now = time.monotonic()
         self.rollout = Rollout(gen, source, now, initial=initial)
@@ -497,6 +491,22 @@ class Master:
                      "" if self.target_count == 1 else "s")
         self.failures.clear()
         self.not_before.clear()
+
+    def reload_blocker(self, initial=False):
+        """Why a new generation cannot start now, or None. Never more than two generations."""
+        if self.stopping:
+            return "the master is stopping"
+        if self.rollout is not None:
+            return f"generation {self.rollout.generation} is still starting"
+        if self.upgrade is not None:
+            return "an upgrade is in progress"
+        if self.handoff is not None and not initial and self.old_master:
+            return "the old master is still draining"
+        old = sorted({w.generation for w in self.workers.values()
+                      if w.state is not WorkerState.STARTING and w.generation != self.generation})
+        if old:
+            return f"generation {old[0]} is still draining"
+        return None
 
     def promote(self, generation, now):
         rollout, self.rollout = self.rollout, None
@@ -519,9 +529,7 @@ class Master:
                 notify.send("READY=1", f"MAINPID={os.getpid()}", f"STATUS={text}")
         else:
             notify.send("READY=1", f"STATUS={text}")
-        if self.watcher is not None and self.watch_pending:
-            self.watch_pending = False
-            self._reload_from_watch()
+        self._reload_from_watch()  # changes seen during the rollout get one more reload
 
     def rollback(self, reason):
         """Stop the pending generation; the serving one goes on (or, at start, give up)."""
@@ -554,6 +562,7 @@ class Master:
         notify.send("READY=1", f"STATUS={text}")
         for waiter in rollout.waiters:
             waiter(False, text)
+        self._reload_from_watch()
 
     def _tell_launcher(self, ok, text):
         from .daemon import tell_launcher
@@ -573,24 +582,23 @@ class Master:
         self._reload_from_watch()
 
     def _watch_deadline(self):
+        """A pending watched change reloads once the tree has been quiet for watch_settle."""
         if self.watcher is None or not self.watch_pending or self.rollout is not None:
             return None
-        quiet = self.watcher.quiet_for()
-        if quiet >= self.cfg.watch_settle:
-            self._reload_from_watch()
+        self._reload_from_watch()
+        if not self.watch_pending:
             return None
-        return time.monotonic() + (self.cfg.watch_settle - quiet)
+        return time.monotonic() + max(0.01, self.cfg.watch_settle - self.watcher.quiet_for())
 
     def _reload_from_watch(self):
-        if self.rollout is not None or self.stopping:
-            return  # one more reload after the current one (promote/rollback re-checks)
+        if self.watcher is None or not self.watch_pending:
+            return
+        if self.reload_blocker():
+            return  # a reload or a drain is under way: retried when it ends (promote, rollback, reap)
         if self.watcher.quiet_for() < self.cfg.watch_settle:
             return  # files are still changing: _watch_deadline tries again
-        try:
-            self.begin_rollout("watch")
-            self.watch_pending = False
-        except Refused as e:
-            log.info("%s (will retry when possible)", e)
+        self.begin_rollout("watch")
+        self.watch_pending = False
 
     # -- upgrade: USR2 ------------------------------------------------------------------
 
