@@ -306,6 +306,16 @@ async def routed_handler(reader, writer):
     writer.close()
 
 
+class RoutedProtocol(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 19\r\nConnection: close\r\n\r\n"
+                             + _greet("asyncio"))
+        self.transport.close()
+
+
 def routed_serve(sock, *, stop):
     while True:
         try:
@@ -318,7 +328,8 @@ def routed_serve(sock, *, stop):
 
 
 @pytest.mark.parametrize("app, kind", [
-    (routed_wsgi, "wsgi"), (routed_asgi, "asgi"), (routed_handler, "asyncio"), (routed_serve, "plain"),
+    (routed_wsgi, "wsgi"), (routed_asgi, "asgi"), (routed_handler, "asyncio"), (RoutedProtocol, "asyncio"),
+    (routed_serve, "plain"),
 ])
 def test_routed_connection_is_served_then_drained(app, kind):
     listener = socket.create_server(("127.0.0.1", 0))

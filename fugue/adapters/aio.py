@@ -143,9 +143,12 @@ class AsyncioAdapter(Adapter):
             self.factory = self._stream_factory(handle)
         else:
             self.factory = self._protocol_factory()
+        # create_server listen()s again, and the backlog belongs to the shared socket:
+        # keep fugue's (asyncio's default of 100 would shrink it for every worker).
+        backlog = int(self.options.get("backlog") or 2048)
         for sock in ctx.listeners:
             sock.setblocking(False)
-            self.servers.append(await self.loop.create_server(self.factory, sock=sock))
+            self.servers.append(await self.loop.create_server(self.factory, sock=sock, backlog=backlog))
         bridge.attach()
         ctx.serving()
         try:

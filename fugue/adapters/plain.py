@@ -251,12 +251,12 @@ class CallableAdapter(Adapter):
         ready = False
         try:
             while not self._quit:
-                if not ready and (self._accepting or time.monotonic() - started >= READY_AFTER):
-                    ready = True
-                    ctx.serving()
                 if not ctx.draining and not any(t.is_alive() for t in self.threads):
                     self._serve_returned(ready)
                     break
+                if not ready and (self._accepting or time.monotonic() - started >= READY_AFTER):
+                    ready = True
+                    ctx.serving()
                 timeout = ctx.tick_interval if ready else max(0.01, started + READY_AFTER - time.monotonic())
                 if ctx.draining:
                     if not self._busy():
