@@ -97,12 +97,6 @@ class Ready:
     pid: int
 
 
-@dataclasses.dataclass(frozen=True)
-class Rollback:
-    generation: int
-    reason: str
-
-
 def decide(s):
     """-> (actions, next_deadline or None). See the module docstring."""
     actions = []
