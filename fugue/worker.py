@@ -74,6 +74,7 @@ class Runtime(WorkerContext):
         self._serving = False
         self._ready_sent = False
         self._app_ready = not self.options.get("wait_ready")
+        self._ready_called = False  # fugue.ready() may come (from a thread) before fugue.start
         self._takedown = []
         self._pending_stop = None
         self._sig_r, self._sig_w = socket.socketpair()
@@ -146,7 +147,7 @@ class Runtime(WorkerContext):
     # -- app-facing (fugue.ready, fugue.on_takedown, fugue.stats) -----------
 
     def app_ready(self):
-        self._app_ready = True
+        self._app_ready = self._ready_called = True
         self._maybe_ready()
 
     def on_takedown(self, fn):
@@ -312,8 +313,8 @@ def serve(target, local_options=None):
     # What the new code says about itself wins: it is what is being deployed.
     local = {k: v for k, v in (local_options or {}).items() if k in APP_OWNED or callable(v)}
     opts.update(local)
-    if "wait_ready" in local:
-        rt._app_ready = rt._app_ready and not local["wait_ready"]
+    if "wait_ready" in local:  # an early fugue.ready() counts; wait_ready=False in the new code too
+        rt._app_ready = rt._ready_called or not local["wait_ready"]
     check = opts.get("startup_check")
     if check:
         try:
