@@ -758,9 +758,9 @@ class Master:
         self.stopping = None
         self.exit_status = 0
         notify.send("READY=1", f"MAINPID={os.getpid()}")
-        for w in self.workers.values():  # our draining workers keep their slots
-            if w.state is WorkerState.DRAINING and w.generation == self.generation:
-                w.state = WorkerState.READY if self.send(w, protocol.STOP, graceful=False, cancel=True) else w.state
+        # Our draining workers cannot take up serving again (they closed their listeners; a
+        # STOP is never cancelled, a non-graceful one is a quick stop that cut their requests
+        # off): they finish what they have and exit, and decide() fills their slots afresh.
 
     def _upgrade_deadline(self):
         up = self.upgrade
