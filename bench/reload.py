@@ -657,7 +657,7 @@ def main(argv=None) -> int:
         runs.append(("broken USR2", "fugue", fugue_broken("USR2", out)))
     took = time.monotonic() - t0
 
-    head = (f"fugue {_version('fugue')} (http.server ThreadingHTTPServer, {WORKERS} workers) and "
+    head = (f"fugue {_version('fugue')} at {_fugue_commit()} (http.server ThreadingHTTPServer, {WORKERS} workers) and "
             f"gunicorn {_version('gunicorn')} (gthread, {gunicorn_side.WORKERS} workers x "
             f"{gunicorn_side.THREADS} threads, keep-alive {gunicorn_side.KEEPALIVE_S} s); "
             f"load: {CONNS} keep-alive connections; {os.cpu_count()} CPUs; "
@@ -701,6 +701,14 @@ def _pictures(runs: list, out: Path) -> list:
         pngs.append(plot.timeline_png(str(out / f"reload_{slug}.png"), series,
                                       f"{kind} under {CONNS} keep-alive connections"))
     return pngs
+
+
+def _fugue_commit() -> str:
+    """The commit of fugue/ this run used, "+" if fugue/ had uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
+    commit = git("rev-parse", "--short", "HEAD").strip() or "?"
+    return commit + ("+" if git("status", "--porcelain", "--", "fugue").strip() else "")
 
 
 def _version(module: str) -> str:
