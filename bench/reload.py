@@ -635,6 +635,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
 
     proctree.become_subreaper()
+    commit = _fugue_commit()  # before the run: others may commit while it goes on
     t0 = time.monotonic()
     runs = []   # (scenario label, server, Scenario), in table order
     # fugue and gunicorn alternate, so that whatever else loads the machine
@@ -657,7 +658,7 @@ def main(argv=None) -> int:
         runs.append(("broken USR2", "fugue", fugue_broken("USR2", out)))
     took = time.monotonic() - t0
 
-    head = (f"fugue {_version('fugue')} at {_fugue_commit()} (http.server ThreadingHTTPServer, {WORKERS} workers) and "
+    head = (f"fugue {_version('fugue')} at {commit} (http.server ThreadingHTTPServer, {WORKERS} workers) and "
             f"gunicorn {_version('gunicorn')} (gthread, {gunicorn_side.WORKERS} workers x "
             f"{gunicorn_side.THREADS} threads, keep-alive {gunicorn_side.KEEPALIVE_S} s); "
             f"load: {CONNS} keep-alive connections; {os.cpu_count()} CPUs; "
