@@ -60,7 +60,10 @@ class AppSpec:
     options: dict     # validated fugue options for its master (plain data)
 
     def same_as(self, other):
-        return other is not None and (self.target, self.options) == (other.target, other.options)
+        """Same target and master options (hostnames are the router's: they change without a restart)."""
+        def key(spec):
+            return spec.target, {k: v for k, v in spec.options.items() if k != "hostnames"}
+        return other is not None and key(self) == key(other)
 
 
 @dataclasses.dataclass(frozen=True)
