@@ -325,12 +325,12 @@ def _report_to_old_master(reason):
     if not path:
         return
     from . import protocol
-    from .fds import recv_with_fds
+    from .fds import connect_unix_path, recv_with_fds
 
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
             sock.settimeout(5.0)
-            sock.connect(path)
+            connect_unix_path(sock, path)
             _, fds = recv_with_fds(sock, protocol.MAX_FRAME)
             for fd in fds:
                 os.close(fd)
