@@ -32,7 +32,12 @@ def send(*lines):
         addr = "\0" + addr[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(addr)
+            if addr.startswith("\0"):
+                sock.connect(addr)
+            else:
+                from .fds import connect_unix_path
+
+                connect_unix_path(sock, addr)
             sock.sendall("\n".join(lines).encode())
         return True
     except OSError:

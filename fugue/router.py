@@ -42,7 +42,7 @@ import time
 from . import apps as appconf
 from . import notify, policy, protocol
 from .errors import ConfigError, FugueError
-from .fds import close_listeners, peer_credentials
+from .fds import bind_unix_path, close_listeners, connect_unix_path, peer_credentials
 from .inbox import inbox_pair, send_connection
 from .loop import Loop
 from .sniff import NEED_MORE, SniffError, sniff
@@ -87,7 +87,7 @@ class App:
         self.inbox, self.app_end = inbox_pair()   # the router keeps both ends: see fugue.inbox
         self.notify_path = notify_path
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(notify_path)
+        bind_unix_path(self.notify, notify_path)
         os.chmod(notify_path, 0o600)
         self.notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.notify.setblocking(False)
@@ -174,7 +174,7 @@ class Router:
         self.control = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         old = os.umask(0o177)
         try:
-            self.control.bind(path)
+            bind_unix_path(self.control, path)
         finally:
             os.umask(old)
         self.control.listen(16)
@@ -927,7 +927,7 @@ class Router:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock.setblocking(False)
         try:
-            sock.connect(path)
+            connect_unix_path(sock, path)
             sock.send(protocol.encode("cmd", cmd=cmd, **fields))
         except OSError as e:
             sock.close()
