@@ -730,6 +730,14 @@ class Master:
                 self.loop.remove_reader(up.server)
                 up.server.close()
             shutil.rmtree(up.directory, ignore_errors=True)
+        while up.conn is not None and up.reason is None:
+            # Its last words (FAILED) may still be unread: the reap runs before the readers.
+            try:
+                msg = protocol.decode(up.conn.recv(protocol.MAX_FRAME))
+            except (OSError, protocol.ProtocolError):
+                break
+            if msg["type"] == protocol.FAILED:
+                up.reason = str(msg.get("reason"))[:2000]
         if up.conn is not None:
             self.loop.remove_reader(up.conn)
             up.conn.close()
