@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from .errors import FugueError
 
@@ -182,8 +183,69 @@ class Logs:
         return [self.worker_fd] if self.worker_fd is not None else []
 
 
+class LogHandler(logging.Handler):
+    """Log records to a descriptor (fd 2: the log file once redirected), one write(2) each.
+
+    A full disk or an unwritable log must neither stop the process nor make it log, in a
+    loop, that it cannot log: a record that cannot be written is counted and dropped, and
+    the first one written after the trouble ends is preceded, once, by a line saying how
+    many were lost and why. `trouble()` says it meanwhile (fuguectl status shows it).
+    Unbuffered, so a failed write leaves nothing behind to be retried out of order.
+    """
+
+    def __init__(self, fd=2):
+        super().__init__()
+        self.fd = fd
+        self.lost = 0
+        self.error = None
+        self.since = None
+
+    def emit(self, record):
+        try:
+            data = (self.format(record) + "\n").encode(errors="replace")
+        except Exception:  # noqa: BLE001 - a bad format argument, as logging reports it
+            self.handleError(record)
+            return
+        if self.lost:
+            note = logging.LogRecord("fugue", logging.WARNING, __file__, 0,
+                                     "%d log line%s lost since %s: %s", None, None)
+            note.args = (self.lost, "" if self.lost == 1 else "s",
+                         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since)), self.error)
+            if not self._write((self.format(note) + "\n").encode(errors="replace")):
+                self.lost += 1
+                return
+            self.lost, self.error, self.since = 0, None, None
+        if not self._write(data):
+            self.lost += 1
+
+    def _write(self, data):
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+            return True
+        except OSError as e:
+            if self.error is None:
+                self.error, self.since = e.strerror or str(e), time.time()
+            return False
+
+    def trouble(self):
+        """'N log lines lost since ...: reason' while records are being lost, else None."""
+        if not self.lost:
+            return None
+        return (f"{self.lost} log line{'' if self.lost == 1 else 's'} lost since "
+                f"{time.strftime('%H:%M:%S', time.localtime(self.since))}: {self.error}")
+
+
+def log_trouble():
+    """What the log handler of this process says is wrong with the log, or None."""
+    for handler in logging.getLogger("fugue").handlers:
+        if isinstance(handler, LogHandler):
+            return handler.trouble()
+    return None
+
+
 def setup_logging(verbose):
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LogHandler(2)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger("fugue")
     root.handlers[:] = [handler]

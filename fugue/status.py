@@ -18,6 +18,7 @@ import threading
 import time
 
 from . import protocol
+from .daemon import log_trouble
 from .policy import WorkerState
 
 TOTALS = ("requests", "in_flight", "connections", "connections_total")
@@ -63,6 +64,7 @@ def collect(master):
                 "ago": round(wall - event[3], 3)},
             "watch": None if master.watcher is None else not getattr(
                 master.watcher, "paused", getattr(master.watcher, "_paused", False)),
+            "log_trouble": log_trouble(),  # e.g. '12 log lines lost since 10:02:03: No space left on device'
         },
         "listeners": [lst.describe() for lst in master.listeners],
         "totals": totals,

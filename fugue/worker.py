@@ -286,7 +286,9 @@ def describe_exception(exc):
 
 
 def _setup_logging(worker_id, verbose):
-    handler = logging.StreamHandler(sys.stderr)
+    from .daemon import LogHandler  # a full disk costs log lines, said once; never the worker
+
+    handler = LogHandler(2)
     handler.setFormatter(logging.Formatter(
         f"%(asctime)s [%(process)d] [worker {worker_id}] %(levelname)s %(message)s"))
     root = logging.getLogger("fugue")
