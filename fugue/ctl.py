@@ -48,7 +48,8 @@ ALIASES = {
 }
 NOT_FLAGS = ("command",)          # given as `fuguectl start -- COMMAND ARGS...`
 TARGET_KEYS = ("app", "script")   # config file keys that name what to run
-CONTROL_COMMANDS = ("stop", "reload", "upgrade", "scale", "reopen-logs", "status", "pid", "watch")
+CONTROL_COMMANDS = ("stop", "reload", "upgrade", "scale", "reopen-logs", "status", "pid", "watch",
+                    "add", "remove")
 COMMANDS = ("start", "check") + CONTROL_COMMANDS
 
 
@@ -142,6 +143,10 @@ def build_parser():
     control("pid", "print the pid of the running master")
     control("watch", "pause or resume watch mode").add_argument(
         "state", choices=("on", "off"), help="on: reload on changes; off: pause watching")
+    control("add", "routed mode: start APP as the config file now describes it").add_argument(
+        "app", metavar="APP", help="the name of an [apps.APP] table")
+    control("remove", "routed mode: stop routing to APP and drain its master").add_argument(
+        "app", metavar="APP", help="the name of a running app")
     return parser
 
 
