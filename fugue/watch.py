@@ -116,15 +116,29 @@ class Watcher:
         self._reader, self._writer = socket.socketpair()  # close-on-exec by default (PEP 446)
         self._reader.setblocking(False)
         self._writer.setblocking(False)
-        self._thread = threading.Thread(
-            target=self._run, args=(watchfiles,), name="fugue-watch", daemon=True)
-        self._thread.start()
-        self._armed.wait(ARM_TIMEOUT)
+        self._arm(watchfiles)
         if self._failure is not None:
             message = self._failure
             self.stop()
             raise FugueError(message)
         log.info("watching %s for %s", ", ".join(self.paths), " ".join(self.include))
+
+    def _arm(self, watchfiles):
+        """Start a watch thread with its own inotify instance; return once it is armed."""
+        self._stop_event = threading.Event()
+        self._armed = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(watchfiles, self._stop_event, self._armed),
+            name="fugue-watch", daemon=True)
+        self._thread.start()
+        self._armed.wait(ARM_TIMEOUT)
+
+    def _disarm(self):
+        self._stop_event.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+            if self._thread.is_alive():
+                log.warning("watch: thread did not stop in 5 s; leaving it (daemon thread)")
 
     def fileno(self):
         """Readable when at least one settled batch is waiting for take()."""
@@ -151,13 +165,20 @@ class Watcher:
             self._pending.clear()
             self._batches.clear()
             self._drain()
+        # Stop watching altogether: events of the pause must not wait in watchfiles'
+        # debounce buffer and surface after resume().
+        self._disarm()
         log.info("watch: paused")
 
     def resume(self):
-        """Watch on again; changes made while paused are not replayed."""
+        """Watch on again with a fresh watch; changes made while paused are not replayed."""
         with self._lock:
-            if not self._paused:
+            if not self._paused or self._stopped:
                 return
+        import watchfiles
+
+        self._arm(watchfiles)
+        with self._lock:
             self._paused = False
         log.info("watch: resumed")
 
@@ -172,11 +193,7 @@ class Watcher:
         if self._stopped:
             return
         self._stopped = True
-        self._stop_event.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(5.0)
-            if self._thread.is_alive():
-                log.warning("watch: thread did not stop in 5 s; leaving it (daemon thread)")
+        self._disarm()
         with self._lock:
             for sock in (self._reader, self._writer):
                 if sock is not None:
@@ -230,26 +247,26 @@ class Watcher:
 
     # -- the thread's side -------------------------------------------------
 
-    def _run(self, watchfiles):
+    def _run(self, watchfiles, stop_event, armed):
         try:
             for changes in watchfiles.watch(
                     *self._watch_targets(),
                     watch_filter=None,  # see the module docstring
                     debounce=DEBOUNCE_MS, step=STEP_MS,
                     rust_timeout=self._timeout_ms, yield_on_timeout=True,
-                    stop_event=self._stop_event, raise_interrupt=False):
-                self._armed.set()
+                    stop_event=stop_event, raise_interrupt=False):
+                armed.set()
                 relevant = {path for _, path in changes if self.relevant(path)}
                 added = [path for change, path in changes if change == watchfiles.Change.added]
                 self._absorb(relevant | self._files_in_new_dirs(added))
         except Exception as exc:  # noqa: BLE001 - the thread must say why it died
             message = f"watch mode failed: {_one_line(exc)}"
-            if not self._armed.is_set():
+            if not armed.is_set():
                 self._failure = message
             else:
                 log.error("%s; files are no longer watched", message)
         finally:
-            self._armed.set()
+            armed.set()
 
     def _files_in_new_dirs(self, added):
         """Relevant files inside directories that just appeared.
