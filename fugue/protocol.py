@@ -54,6 +54,8 @@ def decode(data):
         msg = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(f"not JSON: {e}") from None
+    except RecursionError:  # "[[[[..." from any peer must not take a master down
+        raise ProtocolError("not JSON: nested too deeply") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError("not a message object")
     return msg
