@@ -10,6 +10,7 @@ pending generation and the serving one goes on (rollback). At most two
 generations and two masters exist at any time.
 """
 
+import errno
 import json
 import logging
 import os
@@ -140,8 +141,13 @@ class Master:
                 shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
         sweep_stale(tmp)
         path = os.path.join(tmp, f"fugue-{os.getpid()}")
+        if os.path.islink(path):  # planted in a shared tmp_path: remove the link, never follow it
+            os.unlink(path)
         shutil.rmtree(path, ignore_errors=True)  # a stale one from a reused pid
-        os.mkdir(path, 0o700)
+        try:
+            os.mkdir(path, 0o700)  # never follows a link: it fails if anything is (again) there
+        except OSError as e:
+            raise FugueError(f"cannot create the run directory {path}: {e.strerror}") from None
         self.run_dir = path
 
     def setup(self):
@@ -196,9 +202,11 @@ class Master:
         self.begin_rollout("start", initial=True)
         try:
             while True:
-                self.reap()
+                # Signals first: a TERM sent to the whole process group reaches the
+                # workers too, and their exits must be read as part of the stop.
                 for signum in self.loop.pop_signals():
                     self._refusable(lambda: self.handle_signal(signum))
+                self.reap()
                 if self.finished():
                     break
                 deadline = self.step()
@@ -317,7 +325,10 @@ class Master:
                 data, fds = recv_with_fds(w.channel, protocol.MAX_FRAME, 4)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
+            except OSError as e:
+                if e.errno == errno.EMSGSIZE:  # dropped (and its descriptors closed); not EOF
+                    log.warning("%s sent a bad message: too large, or too many descriptors", w)
+                    continue
                 data, fds = b"", []
             for fd in fds:  # workers send no descriptors; never leak one
                 os.close(fd)
@@ -455,8 +466,8 @@ class Master:
             return
         if w.state is WorkerState.KILLED:
             log.info("%s killed", w)
-        elif w.state is WorkerState.DRAINING:
-            log.warning("%s stopped (%s)", w, what)
+        elif w.state is WorkerState.DRAINING or self.stopping:
+            log.info("%s stopped (%s)", w, what)
             return
         else:
             log.error("%s %s", w, what)
@@ -627,10 +638,10 @@ class Master:
             if notify.address():
                 env["NOTIFY_SOCKET"] = notify.address()
             argv = [sys.executable] + list(getattr(sys, "orig_argv", sys.argv))[1:]
-            pid = os.fork()
+            pid = workers.fork_quietly()
             if pid == 0:
                 try:
-                    self.loop.forget_in_child()
+                    workers.child_signals(self.loop)
                     os.chdir(self.cfg.start_dir)
                     os.execve(argv[0], argv, env)
                 finally:
@@ -733,9 +744,15 @@ class Master:
         while up.conn is not None and up.reason is None:
             # Its last words (FAILED) may still be unread: the reap runs before the readers.
             try:
-                msg = protocol.decode(up.conn.recv(protocol.MAX_FRAME))
-            except (OSError, protocol.ProtocolError):
+                data = up.conn.recv(protocol.MAX_FRAME)
+            except OSError:
                 break
+            if not data:
+                break
+            try:
+                msg = protocol.decode(data)
+            except protocol.ProtocolError:
+                continue
             if msg["type"] == protocol.FAILED:
                 up.reason = str(msg.get("reason"))[:2000]
         if up.conn is not None:

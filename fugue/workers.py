@@ -124,16 +124,13 @@ def spawn(argv, env, identity, working_path, stdout_fd, pass_fds, child_fd,
     Python worker. `foreign_fds`, for a foreign command, are dup2'd to 3, 4, ...
     with LISTEN_FDS/LISTEN_PID set to the child's own pid.
     """
-    pid = os.fork()
+    pid = fork_quietly()
     if pid:
         return pid
     # Child: only exec or _exit from here on.
     status = 127
     try:
-        if loop is not None:
-            loop.forget_in_child()
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(sig, signal.SIG_DFL)
+        child_signals(loop)
         if stdout_fd is not None:
             os.dup2(stdout_fd, 1)
             os.dup2(stdout_fd, 2)
@@ -166,6 +163,41 @@ def spawn(argv, env, identity, working_path, stdout_fd, pass_fds, child_fd,
         _tell(child_fd, f"cannot start worker: {e!r}")
     finally:
         os._exit(status)
+
+
+def fork_quietly():
+    """fork() with every signal blocked, so none reaches the child's copy of the master's
+    handlers (which would write into the master's wakeup socket and be lost); the parent's
+    mask is restored at once, the child's by child_signals()."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        raise
+    if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    else:
+        _saved_mask[0] = old
+    return pid
+
+
+_saved_mask = [None]
+
+
+def child_signals(loop):
+    """In a child of fork_quietly(): default dispositions, then the signals unblocked.
+
+    A signal sent to the new pid meanwhile (a stop that raced the spawn) is
+    delivered now, with its default action, instead of being lost.
+    """
+    if loop is not None:
+        loop.forget_in_child()
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU,
+                signal.SIGWINCH, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, _saved_mask[0] or ())
 
 
 class _ChildError(Exception):
