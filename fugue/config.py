@@ -39,7 +39,7 @@ OPTIONS = [
     ("startup_check", "callable", None, "callable (or module:attr) run in each new worker before READY"),
     ("reload_strategy", "choice:all|rolling", "all", "all: the whole new generation ready first; rolling: k at a time"),
     ("reload_batch", "int+", 1, "workers replaced at a time by a rolling reload"),
-    ("adapter", "choice:auto|socketserver|handler|wsgi|asgi|asyncio|callable|command", "auto",
+    ("adapter", "choice:auto|socketserver|handler|wsgi|asgi|asyncio|callable", "auto",
      "kind of server in the workers (auto: guessed from the target)"),
     ("command", "list", [], "a foreign program run as each worker with the listeners from fd 3 (LISTEN_FDS)"),
     ("ready_mode", "choice:stable|notify", "stable",

@@ -45,6 +45,7 @@ ALIASES = {
     "gid": ["--group"],
     "working_path": ["--chdir"],
     "verbose": ["-v"],
+    "ready_mode": ["--ready"],
 }
 NOT_FLAGS = ("command",)          # given as `fuguectl start -- COMMAND ARGS...`
 TARGET_KEYS = ("app", "script")   # config file keys that name what to run

@@ -49,6 +49,7 @@ def collect(master):
             "counters": dict(own),
             "current": stats.get("current", []),
             "foreign": w.foreign,
+            "status": stats.get("status"),  # a foreign worker's sd_notify STATUS=
         })
     event = master.last_event
     return {
