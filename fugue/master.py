@@ -279,7 +279,7 @@ class Master:
             if "command" in self.target:
                 argv = list(self.target["command"])
                 argv[0] = shutil.which(argv[0]) or argv[0]
-                env = workers.worker_env(slot, generation, "{}", child.fileno())
+                env = workers.worker_env(slot, generation)
                 env["LISTEN_FDNAMES"] = ":".join(lst.name for lst in self.listeners)
                 if self.cfg.ready_mode == "notify":
                     from .foreign import NotifySocket

@@ -88,11 +88,16 @@ def python_argv():
     return argv
 
 
-def worker_env(slot, generation, target_json, channel_fd, extra=None):
+def worker_env(slot, generation, target_json=None, channel_fd=None, extra=None):
+    """The environment of a worker. A foreign program (no target_json) gets only its
+    id and generation from fugue, not the Python worker's channel, target and path."""
     env = {k: v for k, v in os.environ.items() if k not in MASTER_ONLY_ENV}
-    env[ENV_CHANNEL] = str(channel_fd)
     env[ENV_WORKER_ID] = str(slot)
     env[ENV_GENERATION] = str(generation)
+    if target_json is None:
+        env.update(extra or {})
+        return env
+    env[ENV_CHANNEL] = str(channel_fd)
     env[ENV_TARGET] = target_json
     # The worker must import the same fugue as the master, installed or not.
     import fugue
@@ -148,7 +153,8 @@ def spawn(argv, env, identity, working_path, stdout_fd, pass_fds, child_fd,
                 raise _ChildError(f"user {identity.describe()} cannot read {path}: the interpreter, "
                                   "fugue and the app must be readable by the workers' user")
         if foreign_fds is not None:
-            _place_listen_fds(foreign_fds, env, keep=child_fd)
+            # The channel stays open only until exec, to report an exec failure.
+            child_fd = _place_listen_fds(foreign_fds, env, keep=child_fd)
         elif child_fd is not None:
             os.set_inheritable(child_fd, True)
         for fd in pass_fds:
@@ -222,14 +228,12 @@ def _place_listen_fds(fds, env, keep):
     n = len(fds)
     # Move everything out of the way first so dup2 never clobbers a source.
     high = [os.dup(fd) for fd in fds]
-    keep_high = os.dup(keep) if keep is not None else None
+    keep_high = os.dup(keep) if keep is not None else None  # close-on-exec: the program never sees it
     for i, fd in enumerate(high):
         os.dup2(fd, 3 + i, inheritable=True)
-    if keep_high is not None:
-        os.dup2(keep_high, 3 + n, inheritable=True)
-        env["FUGUE_CHANNEL_FD"] = str(3 + n)
     env["LISTEN_FDS"] = str(n)
     env["LISTEN_PID"] = str(os.getpid())
+    return keep_high
 
 
 def channel_pair():
