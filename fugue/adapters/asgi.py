@@ -27,17 +27,19 @@ with `loop.connect_accepted_socket`, as its own server would.
 import asyncio
 import contextlib
 import functools
+import importlib.util
 import logging
 import time
 
 from ._util import WorkerBridge, is_async, positional_params
 from .base import Adapter
 
-try:
-    import uvicorn
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
-except ImportError as e:  # pragma: no cover - the extra is not installed
-    raise ImportError(f"uvicorn is not installed ({e})") from None
+# uvicorn itself is imported where it is used, not here: `pick` imports this
+# module to ask every target `accepts`, and a WSGI worker must not pay for
+# uvicorn (about 45 ms of CPU and 6 MiB per worker: bench/footprint.py). A
+# missing extra still fails this import, which adapters.load turns into a hint.
+if importlib.util.find_spec("uvicorn") is None:  # pragma: no cover - the extra is not installed
+    raise ImportError("uvicorn is not installed (No module named 'uvicorn')")
 
 log = logging.getLogger("fugue")
 
@@ -98,6 +100,8 @@ class AsgiAdapter(Adapter):
         return wrapped
 
     def _protocol_class(self):
+        from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
         adapter = self
 
         class Protocol(AutoHTTPProtocol):
@@ -116,6 +120,8 @@ class AsgiAdapter(Adapter):
         return Protocol
 
     def _server(self):
+        import uvicorn
+
         adapter = self
 
         class Server(uvicorn.Server):
