@@ -59,24 +59,6 @@ REPEATS = 2
 SPAWN_TIMEOUT_S = 180.0
 
 
-def ctxt_switches(pid: int) -> int:
-    """Voluntary + nonvoluntary context switches of every thread of `pid`."""
-    total = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/status") as f:
-                for line in f:
-                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                        total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
-
-
 def threads(pid: int) -> int:
     try:
         return len(os.listdir(f"/proc/{pid}/task"))
@@ -149,11 +131,11 @@ def idle(tmp: str, seconds: float, use_strace: bool) -> tuple:
         for name, server in servers.items():
             procs[(name, "master")] = [server.master]
             procs[(name, "worker")] = sorted(server.worker_pids())
-        before = {key: [ctxt_switches(p) for p in pids] for key, pids in procs.items()}
+        before = {key: [contenders.ctxt_switches(p) for p in pids] for key, pids in procs.items()}
         t0 = time.monotonic()
         time.sleep(seconds)  # the measurement window itself
         elapsed = time.monotonic() - t0
-        after = {key: [ctxt_switches(p) for p in pids] for key, pids in procs.items()}
+        after = {key: [contenders.ctxt_switches(p) for p in pids] for key, pids in procs.items()}
         traced = {}
         if use_strace:
             traced = strace_counts({name: s.master for name, s in servers.items()}, seconds)

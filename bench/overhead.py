@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Is fugue in the data path? Requests/s of one app under fugue, bound directly, and under gunicorn.
 
-    python3 bench/overhead.py                 # ~3 minutes
+    python3 bench/overhead.py                 # ~3.5 minutes
     python3 bench/overhead.py --rounds 5 --seconds 10 --only wsgi
 
 For each kind of app (WSGI: bench/apps/hello_wsgi.py, ASGI:
@@ -28,7 +28,13 @@ reports, per round, fugue's rate divided by each contender's in the same
 round, as a median with the spread (min-max) over the rounds. It also reports
 the CPU time the server's processes (master and workers: its whole process
 group, from /proc) spent per request: less sensitive to the neighbours than
-requests/s, though not immune (shared caches, frequency).
+requests/s, though not immune (shared caches, frequency); and the CPU time and
+wake-ups of the master process alone over all its runs (fugue's master should
+do nothing while requests flow: the sum over every run is the proof). wrk opens
+its connections at once and keeps them, and the kernel hands them to whichever
+worker is awake: "busiest worker's CPU share" (median; 0.50 is an even split
+between 2 workers, 1.00 one worker doing everything) says how lopsided that
+was, which moves requests/s more than anything the servers do differently.
 
 Needs wrk (apt-get install wrk), gunicorn, waitress and uvicorn
 (pip install gunicorn waitress uvicorn); says so and exits 2 if one is missing.
@@ -57,7 +63,7 @@ WORKERS = 2
 CONNS = 32
 WRK_THREADS = 1
 SECONDS = 3
-ROUNDS = 6
+ROUNDS = 8
 WARMUP_S = 1
 
 
@@ -87,11 +93,25 @@ def wrk(port: int, seconds: int, conns: int, threads: int = WRK_THREADS) -> dict
 
 
 def measure_once(server, seconds: int, conns: int) -> dict:
-    """One wrk run, plus the server's CPU time per request over it (all its processes)."""
+    """One wrk run, plus the server's CPU time per request over it (all its processes),
+    and what its master (the process we started: fugue's master, gunicorn's
+    arbiter, uvicorn's supervisor, bare_serve's waiting parent) did meanwhile."""
     cpu_before = contenders.group_cpu_s(server.master)
+    master_cpu, master_ctxt = (contenders.process_cpu_s(server.master),
+                               contenders.ctxt_switches(server.master))
+    others = proctree.group(server.master) - {server.master}
+    others_before = {pid: contenders.process_cpu_s(pid) for pid in others}
+    t0 = time.monotonic()
     result = wrk(server.port, seconds, conns)
+    result["elapsed"] = time.monotonic() - t0
+    # wrk opens its connections at once and keeps them: whichever worker is
+    # awake may accept most of them, and then carries most of the load.
+    spent = [contenders.process_cpu_s(pid) - before for pid, before in others_before.items()]
+    result["busiest_share"] = max(spent) / sum(spent) if sum(spent) > 0 else None
     cpu = contenders.group_cpu_s(server.master) - cpu_before
     result["cpu_us"] = cpu / max(result["requests"], 1) * 1e6
+    result["master_cpu_s"] = contenders.process_cpu_s(server.master) - master_cpu
+    result["master_wakeups"] = contenders.ctxt_switches(server.master) - master_ctxt
     return result
 
 
@@ -156,6 +176,7 @@ def measure(kind: str, workers: int, rounds: int, seconds: int, conns: int) -> t
         cpu = [s["cpu_us"] for s in samples[label]]
         cpu_ratios = [f["cpu_us"] / s["cpu_us"] for f, s in zip(samples[fugue_label],
                                                                 samples[label])]
+        shares = [s["busiest_share"] for s in samples[label] if s["busiest_share"] is not None]
         p50 = [s["p50_ms"] for s in samples[label] if "p50_ms" in s]
         p99 = [s["p99_ms"] for s in samples[label] if "p99_ms" in s]
         rows.append({
@@ -169,6 +190,10 @@ def measure(kind: str, workers: int, rounds: int, seconds: int, conns: int) -> t
                                                   f"({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f})",
             "p50 / p99 ms": (f"{statistics.median(p50):.1f} / {statistics.median(p99):.1f}"
                              if p50 and p99 else None),
+            "busiest worker's CPU share": f"{statistics.median(shares):.2f}" if shares else None,
+            "master under load: CPU ms, wake-ups/s": (
+                f"{sum(s['master_cpu_s'] for s in samples[label]) * 1000:.0f}, "
+                f"{sum(s['master_wakeups'] for s in samples[label]) / sum(s['elapsed'] for s in samples[label]):.1f}"),
             "errors": sum(s["errors"] + s["non2xx"] for s in samples[label]),
         })
     return rows, notes
@@ -176,7 +201,8 @@ def measure(kind: str, workers: int, rounds: int, seconds: int, conns: int) -> t
 
 COLUMNS = ["app", "server", "req/s median (min-max)", "fugue / this, median (min-max)",
            "server CPU us/req median", "CPU fugue / this, median (min-max)",
-           "p50 / p99 ms", "errors"]
+           "p50 / p99 ms", "busiest worker's CPU share", "master under load: CPU ms, wake-ups/s",
+           "errors"]
 
 
 def check_tools() -> list:
