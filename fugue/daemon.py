@@ -34,12 +34,14 @@ def read_pid(path):
     if not os.path.isfile(path):
         raise FugueError(f"pid file {path} is not a regular file")
     try:
-        with open(path) as f:
-            text = f.read(64).strip()
+        with open(path, "rb") as f:
+            text = f.read(64).decode("ascii", errors="replace").strip()  # garbage may be binary
     except PermissionError:
         raise FugueError(f"pid file {path}: permission denied") from None
+    except OSError as e:
+        raise FugueError(f"pid file {path}: {e.strerror}") from None
     del st
-    if not text.isdigit() or int(text) <= 0:
+    if not text.isascii() or not text.isdigit() or not 0 < int(text) <= 1 << 22:  # pid_max's ceiling
         raise FugueError(f"pid file {path} does not contain a pid ({text[:20]!r})")
     return int(text)
 
