@@ -311,6 +311,9 @@ def private_dir(parent, prefix):
             raise FugueError(f"tmp_path {parent} is a symlink to a directory owned by someone else")
     if not stat.S_ISDIR(st.st_mode):
         raise FugueError(f"tmp_path {parent} is not a directory")
+    if st.st_uid not in (0, os.getuid()):  # its owner may rename or replace anything in it
+        raise FugueError(f"tmp_path {parent} is owned by uid {st.st_uid}; refusing "
+                         "(use a directory of your own, or a sticky one like /tmp owned by root)")
     if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
         raise FugueError(f"tmp_path {parent} is world-writable without the sticky bit; refusing")
     try:
