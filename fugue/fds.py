@@ -293,13 +293,21 @@ def peer_credentials(sock):
 
 
 def private_dir(parent, prefix):
-    """A fresh 0700 directory under `parent`, which must be safe to create it in.
-
-    Refuses a parent that is a symlink, is not a directory, or is writable by others
-    without the sticky bit (someone could swap our directory under us).
-    """
+    """A fresh 0700 directory under `parent`, which must be safe to create it in
+    (see check_private_parent)."""
     import tempfile
 
+    check_private_parent(parent)
+    try:
+        return tempfile.mkdtemp(prefix=prefix, dir=parent)
+    except OSError as e:
+        raise FugueError(f"tmp_path {parent} is not writable: {e.strerror}") from None
+
+
+def check_private_parent(parent):
+    """Refuse a tmp_path that is a symlink to someone else's directory, is not a
+    directory, is owned by another user, or is writable by others without the
+    sticky bit (someone could swap our directories under us)."""
     try:
         st = os.lstat(parent)
     except FileNotFoundError:
@@ -316,7 +324,3 @@ def private_dir(parent, prefix):
                          "(use a directory of your own, or a sticky one like /tmp owned by root)")
     if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
         raise FugueError(f"tmp_path {parent} is world-writable without the sticky bit; refusing")
-    try:
-        return tempfile.mkdtemp(prefix=prefix, dir=parent)
-    except OSError as e:
-        raise FugueError(f"tmp_path {parent} is not writable: {e.strerror}") from None

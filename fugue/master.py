@@ -1,6 +1,6 @@
 """The master: owns the listeners, keeps the workers, replaces them and itself.
 
-Each pass of the loop is a checklist: reap -> signals -> decide -> act -> wait.
+Each pass of the loop is a checklist: signals -> reap -> timers -> decide -> act -> wait.
 `policy.decide` says what to do; this module does it and turns events (a
 worker's READY, its exit, a signal, a control command) into state.
 
@@ -22,8 +22,8 @@ import time
 
 from . import notify, policy, protocol, workers
 from .errors import FugueError
-from .fds import (Listener, bind_unix_path, close_listeners, connect_unix_path, peer_credentials,
-                  private_dir, recv_with_fds, send_with_fds)
+from .fds import (Listener, bind_unix_path, check_private_parent, close_listeners, connect_unix_path,
+                  peer_credentials, private_dir, recv_with_fds, send_with_fds)
 from .loop import Loop
 from .policy import WorkerState
 
@@ -135,10 +135,7 @@ class Master:
     def _make_run_dir(self):
         """tmp_path/fugue-<pid>: 0700, holds the control socket."""
         tmp = self.cfg.path("tmp_path")
-        private_dir(tmp, "probe-")  # checks tmp_path is safe and writable
-        for name in os.listdir(tmp):
-            if name.startswith("probe-"):
-                shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+        check_private_parent(tmp)
         sweep_stale(tmp)
         path = os.path.join(tmp, f"fugue-{os.getpid()}")
         if os.path.islink(path):  # planted in a shared tmp_path: remove the link, never follow it
