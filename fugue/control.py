@@ -22,6 +22,7 @@ from .policy import LIVE
 log = logging.getLogger("fugue")
 
 STATUS_WAIT = 1.0
+REQUEST_WAIT = 5.0  # a client must send its request this soon after connecting (fuguectl does at once)
 COMMANDS = ("status", "reload", "upgrade", "stop", "scale", "reopen-logs", "pid", "watch")
 
 
@@ -38,7 +39,7 @@ class ControlServer:
         os.chmod(path, 0o600)
         self.sock.listen(16)
         self.sock.setblocking(False)
-        self.clients = {}             # conn -> reader registered
+        self.clients = {}             # conn -> deadline for its request, or None once it came
         self._seq = itertools.count(1)
         self.pending_status = {}      # seq -> [deliver(data), waiting pids, deadline]
 
@@ -61,7 +62,7 @@ class ControlServer:
                 conn.close()
                 continue
             conn.setblocking(False)
-            self.clients[conn] = True
+            self.clients[conn] = time.monotonic() + REQUEST_WAIT
             self.master.loop.add_reader(conn, lambda c=conn: self.on_request(c))
 
     def on_request(self, conn):
@@ -80,6 +81,7 @@ class ControlServer:
             self.reply(conn, False, f"bad request: {e}")
             return
         self.master.loop.remove_reader(conn)  # one request per connection
+        self.clients[conn] = None  # its reply may take as long as a reload does
         self.handle(conn, msg)
 
     def reply(self, conn, ok, text, data=None):
@@ -92,7 +94,8 @@ class ControlServer:
         self.drop(conn)
 
     def drop(self, conn):
-        if self.clients.pop(conn, None):
+        if conn in self.clients:
+            del self.clients[conn]
             self.master.loop.remove_reader(conn)
             conn.close()
 
@@ -177,7 +180,8 @@ class ControlServer:
         self.fresh_status(lambda data: self.master.send(w, protocol.STATUS, seq=seq, data=data))
 
     def stats_reply(self, w, msg):
-        entry = self.pending_status.get(msg.get("seq"))
+        seq = msg.get("seq")
+        entry = self.pending_status.get(seq) if isinstance(seq, int) else None  # workers run app code
         if entry:
             entry[1].discard(w.pid)
             self._maybe_finish(msg.get("seq"))
@@ -198,7 +202,12 @@ class ControlServer:
         for seq, (_, _, when) in list(self.pending_status.items()):
             if when <= now:
                 self._maybe_finish(seq, force=True)
+        for conn, when in list(self.clients.items()):
+            if when is not None and when <= now:  # connected, and silent: it holds a descriptor
+                log.warning("control: closed a connection that sent no request in %gs", REQUEST_WAIT)
+                self.drop(conn)
         deadlines = [e[2] for e in self.pending_status.values()]
+        deadlines += [when for when in self.clients.values() if when is not None]
         http = getattr(self.master, "status_server", None)
         if http is not None:
             deadlines.append(http.deadline())
