@@ -68,6 +68,12 @@ def junk(sock, what):
                 sock.send(json.dumps({"type": "hb", "stats": {"requests": i}}).encode())
             except BlockingIOError:
                 break
+    elif what == "bad_fields":  # known types, fields of the wrong kind
+        for msg in ({"type": "stats_reply", "seq": {"a": 1}}, {"type": "stats_reply", "seq": [1]},
+                    {"type": "status_request", "seq": [1]}, {"type": "hb", "stats": {"requests": "lots"}},
+                    {"type": "hb", "stats": [1, 2]}, {"type": "failed", "reason": {"x": [1]}},
+                    {"type": "ready", "pid": "me"}):
+            sock.send(json.dumps(msg).encode())
     elif what == "valid_json_wrong_type":
         sock.send(b'["type", "ready"]')
         sock.send(b'{"type": 7}')
