@@ -58,6 +58,14 @@ OPTIONS = [
     ("hostnames", "list", [], "routed mode: hostnames this app serves"),
 ]
 
+# Upper bounds: a number beyond them cannot work (it overflows where it reaches the OS: listen(2)'s
+# backlog is a C int, a wait longer than about 24 days overflows epoll's timeout), so it is refused
+# here, in one line, rather than at run time, in a traceback.
+INT_MAX = 2 ** 63 - 1
+SECONDS_MAX = 1e6  # about 11.6 days
+LIMITS = {"backlog": 2 ** 31 - 1, "umask": 0o777}
+ID_MAX = 2 ** 32 - 2  # (uid_t)-1 means "no change" to setuid(2)
+
 NAMES = [row[0] for row in OPTIONS]
 KINDS = {row[0]: row[1] for row in OPTIONS}
 DEFAULTS = {row[0]: row[2] for row in OPTIONS}
@@ -87,6 +95,11 @@ def coerce(name, value, source="option"):
     def bad():
         return ConfigError(f"{source} {name}: {value!r} is not {_describe(kind)}")
 
+    def too_large(limit, shown):
+        e = ConfigError(f"{source} {name}: {value!r} is too large (at most {shown})")
+        e.expected = f"{_describe(kind)}, at most {shown}"  # for fuguectl's 'expected ...' form
+        return e
+
     if kind in ("int+", "int0"):
         if isinstance(value, bool):
             raise bad()
@@ -97,6 +110,9 @@ def coerce(name, value, source="option"):
                 raise bad() from None
         if not isinstance(value, int) or value < (1 if kind == "int+" else 0):
             raise bad()
+        limit = LIMITS.get(name, INT_MAX)
+        if value > limit:
+            raise too_large(limit, oct(limit) if name == "umask" else limit)
         return value
     if kind in ("float+", "float0"):
         if isinstance(value, bool):
@@ -110,6 +126,8 @@ def coerce(name, value, source="option"):
             raise bad()
         if value < 0 or (kind == "float+" and value == 0):
             raise bad()
+        if value > SECONDS_MAX:
+            raise too_large(SECONDS_MAX, f"{SECONDS_MAX:.0f} seconds")
         return float(value)
     if kind == "bool":
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
@@ -131,10 +149,14 @@ def coerce(name, value, source="option"):
     if kind == "id":
         if isinstance(value, bool):
             raise bad()
-        if isinstance(value, int) and value >= 0:
+        number = value if isinstance(value, int) else (
+            int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else None)
+        if number is not None and number >= 0:
+            if number > ID_MAX:
+                raise too_large(ID_MAX, ID_MAX)
+            return number
+        if isinstance(value, str) and value and "\0" not in value:
             return value
-        if isinstance(value, str) and value:
-            return int(value) if value.isdigit() else value
         raise bad()
     if kind == "callable":
         if callable(value):

@@ -215,8 +215,9 @@ def check_value(name, value, where):
         return config.coerce(name, value)
     except ValueError:
         raise ConfigError(f"{where}: expected an octal umask such as 022") from None
-    except ConfigError:
-        raise ConfigError(f"{where}: expected {config._describe(kind)}") from None
+    except ConfigError as e:
+        expected = getattr(e, "expected", None) or config._describe(kind)  # "..., at most N" if too large
+        raise ConfigError(f"{where}: expected {expected}") from None
 
 
 def load_config_file(path, only=None):
