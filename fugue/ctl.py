@@ -287,7 +287,8 @@ def gather_options(args):
         if value is None or name in NOT_FLAGS:
             continue
         shown = " ".join(value) if isinstance(value, list) else value
-        shown = shown if shown.isprintable() else repr(shown)  # a newline must not split the error
+        if isinstance(shown, str) and not shown.isprintable():
+            shown = repr(shown)  # a newline must not split the error
         flag_options[name] = check_value(name, value, f"{flag_of(name)} {shown}")
     return config.merge(file_options, flag_options), file_target
 
