@@ -191,3 +191,19 @@ def test_extreme_values_start_cleanly_or_leave_nothing(tmp_path, name, value):
                 pass
         proc.wait()
         log.close()
+
+
+@SETTINGS
+@given(port=st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+       host=st.none() | st.text(max_size=30) | st.sampled_from(["::1", "[::1]", "0.0.0.0", "localhost"]))
+def test_start_arguments_become_binds_or_one_clear_line(port, host):
+    """fugue.start(server, port, host, ...): the port and host a script passes."""
+    import fugue
+    from fugue.errors import FugueError
+    from fugue.fds import parse_bind
+
+    try:
+        for spec in fugue._binds(port, host):
+            parse_bind(spec)
+    except FugueError as e:
+        one_clear_line(str(e))

@@ -43,7 +43,8 @@ def test_max_requests_recycles_gracefully_under_load(fugue_proc):
     assert all(r["restarts"] == 0 for r in data["workers"]), data["workers"]
     assert "respawning worker" not in p.log()
     served = [int(n) for n in re.findall(r"is recycling itself \(served (\d+) requests", p.log())]
-    assert all(40 <= n <= 50 + 6 for n in served), served  # the limit plus jitter (plus requests in flight)
+    # Never before its limit (40 plus 0..10 of jitter); how far past it depends on what was in flight.
+    assert all(n >= 40 for n in served), served
 
 
 def test_max_memory_recycles_a_leaking_worker(fugue_proc):
@@ -170,14 +171,36 @@ def test_kill9_new_master_at_each_step_of_the_handoff(fugue_proc, workdir):
     only_these_alive(p, serving)  # its workers saw EOF on their channels and left
     assert leftovers(workdir, [old]) == []
 
-    # 3. Ready and serving; the old master stepped down and drains a slow request.
+    # 3. Ready: it told the old master so, and died before the old master read it (stopped meanwhile).
+    gate = workdir / "gate"
+    behave(workdir, worker_gate=str(gate))
+    p.signal(signal.SIGUSR2, old)
+    new = new_master_started(p, 3)
+    p.wait_log(r"upgrade: listeners handed to pid %d" % new)
+    os.kill(old, signal.SIGSTOP)
+    try:
+        gate.write_text("")
+        p.wait_log(r"\[%d\] \[master\] INFO started: generation \d+ serving" % new)
+        kill(new)
+        until(lambda: gone(new), what="the new master dead")
+    finally:
+        os.kill(old, signal.SIGCONT)
+    p.wait_log(r"new master pid %d killed by SIGKILL" % new)
+    data = settled(p, 2, old)
+    until(lambda: p.master_pid() == old, what="the pid file to name the old master")
+    only_these_alive(p, [old] + [r["pid"] for r in data["workers"]])
+    assert leftovers(workdir, [old]) == [] and not (workdir / "fugue.pid.oldbin").exists()
+    serving = [old] + [r["pid"] for r in data["workers"]]
+
+    # 4. Ready and serving; the old master stepped down and drains a slow request.
     behave(workdir)
     slow = {}
     t = threading.Thread(target=lambda: slow.update(r=http_get(p.port, "/slow?s=3")))
     t.start()
     until(lambda: status(p, old)["totals"]["in_flight"] >= 1, what="the slow request in flight")
     p.signal(signal.SIGUSR2, old)
-    new = int(p.wait_log(r"upgrade done: new master pid (\d+) serving").group(1))
+    new = new_master_started(p, 4)
+    p.wait_log(r"upgrade done: new master pid %d serving" % new)
     assert (workdir / "fugue.pid.oldbin").exists()
     kill(new)
     p.wait_log(r"new master pid %d killed by SIGKILL after taking over; this master \(pid %d\) resumes" % (new, old))
