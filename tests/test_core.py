@@ -182,3 +182,33 @@ def test_unreadable_app_after_drop_is_one_clear_error(fugue_proc, workdir):
                      r"cannot chdir to \S+ as user nobody)", p.log())
     assert p.count_log("Traceback") == 0
     assert p.pids() == []
+
+
+def test_ipv6(fugue_proc):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        probe = socket.socket(socket.AF_INET6)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError:
+        pytest.skip("no ::1 on this machine")
+    p = fugue_proc(["app.py", "[::1]:0", "1"]).started()
+    port = int(p.wait_log(r"listening on \[::1\]:(\d+)").group(1))
+    status, body, _ = http_get(port, host="::1")
+    assert status == 200 and body.startswith("hello from worker 1")
+
+
+def test_master_log_file_gets_the_master_alone(fugue_proc, workdir):
+    opts = {"log_file": str(workdir / "all.log"), "master_log_file": str(workdir / "master.log")}
+    p = fugue_proc(["app.py", "0", "1", json.dumps(opts)])
+    master_log = workdir / "master.log"
+    wait_for(lambda: master_log.exists() and "started: generation 1" in master_log.read_text(), what="start")
+    pid = int((workdir / "fugue.pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+    p.wait_exit()
+    master_text, worker_text = master_log.read_text(), (workdir / "all.log").read_text()
+    assert "[master]" in master_text and "[worker 1]" not in master_text
+    assert "[worker 1] INFO draining" in worker_text and "[master]" not in worker_text
+    # Each fugue line: time, pid, who.
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[\d+\] \[worker 1\] ", worker_text.splitlines()[-1])
