@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 from conftest import ROOT, wait_for
 
@@ -148,7 +147,3 @@ def kill(pid, sig=signal.SIGKILL):
 
 def until(cond, timeout=30.0, what="condition"):
     return wait_for(cond, timeout, what)
-
-
-def monotonic():
-    return time.monotonic()

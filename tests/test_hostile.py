@@ -19,9 +19,8 @@ import tempfile
 
 import pytest
 
-from conftest import APPS, PY, ROOT, SYSTEM_PYTHON, http_get, wait_for
-from faultkit import (ask, as_nobody, gone, kill, load, quiet_fds, settled, status, until,
-                      worker_pids)
+from conftest import APPS, PY, ROOT, SYSTEM_PYTHON, http_get
+from faultkit import as_nobody, gone, load, quiet_fds, settled, status, until, worker_pids
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody and plant files")
 
