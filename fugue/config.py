@@ -18,7 +18,7 @@ from .errors import ConfigError
 #   list (of str), callable (a callable or a dotted "module:attr" string),
 #   choice:a|b|c, id (user or group: name or number).
 OPTIONS = [
-    ("workers", "int0", None, "number of worker processes (default: the CPU count)"),
+    ("workers", "int0", None, "number of worker processes, at most 1024 (default: the CPU count)"),
     ("bind", "list", [], "listeners: HOST:PORT, [V6]:PORT, :PORT, unix:PATH, fd:N (repeatable)"),
     ("backlog", "int+", 2048, "listen(2) backlog of sockets fugue binds"),
     ("working_path", "path", None, "directory the workers chdir to (default: the start directory)"),
@@ -63,7 +63,8 @@ OPTIONS = [
 # here, in one line, rather than at run time, in a traceback.
 INT_MAX = 2 ** 63 - 1
 SECONDS_MAX = 1e6  # about 11.6 days
-LIMITS = {"backlog": 2 ** 31 - 1, "umask": 0o777}
+MAX_WORKERS = 1024  # more would be a fork bomb on any one machine, not a deployment
+LIMITS = {"backlog": 2 ** 31 - 1, "umask": 0o777, "workers": MAX_WORKERS}
 ID_MAX = 2 ** 32 - 2  # (uid_t)-1 means "no change" to setuid(2)
 
 NAMES = [row[0] for row in OPTIONS]

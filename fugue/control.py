@@ -16,6 +16,7 @@ import socket
 import time
 
 from . import protocol
+from .config import MAX_WORKERS
 from .fds import bind_unix_path, connect_unix_path, peer_credentials
 from .policy import LIVE
 
@@ -141,6 +142,8 @@ class ControlServer:
         new = m.target_count + n if text.startswith(("+", "-")) else n
         if new < 0:
             return False, f"scale: cannot go below 0 workers (now {m.target_count})"
+        if new > MAX_WORKERS:
+            return False, f"scale: at most {MAX_WORKERS} workers (asked for {new})"
         m.scale(new)
         return True, f"workers: {new}"
 

@@ -894,6 +894,11 @@ class Master:
             log.exception("internal error (please report it); the master goes on")
 
     def scale(self, count):
+        from .config import MAX_WORKERS
+
+        if count > MAX_WORKERS:
+            log.warning("workers: staying at %d (at most %d)", self.target_count, MAX_WORKERS)
+            return
         count = max(0, count)
         if count != self.target_count:
             log.info("workers: %d -> %d", self.target_count, count)

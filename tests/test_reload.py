@@ -64,6 +64,7 @@ def test_broken_reload_rolls_back(fugue_proc, workdir, kind, behaviour, reason):
     (workdir / "behaviour.json").write_text(json.dumps({"version": "v3"}))
     p.signal(signal.SIGHUP)
     p.wait_log(r"reload done: generation 3 serving")
+    p.wait_log(r"worker \d \(pid \d+, generation 1\) stopped", count=2)  # the old ones are gone
     assert versions(p) == {"v3"}
 
 
