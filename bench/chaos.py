@@ -40,6 +40,7 @@ Needs gunicorn and waitress (pip install gunicorn waitress).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import dataclasses
 import os
 import random
@@ -53,12 +54,17 @@ import threading
 import time
 from typing import Callable, Optional
 
+if importlib.util.find_spec("matplotlib") is None:  # bench/plot.py (the tables) imports it
+    sys.exit("matplotlib is not installed: pip install matplotlib")
+
 try:  # run as a script (python3 bench/chaos.py) or imported as bench.*
     import contenders
     import loadgen
     import plot
     import proctree
-except ImportError:
+except ModuleNotFoundError as e:
+    if e.name not in ('contenders', 'loadgen', 'plot', 'proctree'):  # a third-party module
+        sys.exit(f"{e.name} is not installed: pip install {e.name}")
     from bench import contenders, loadgen, plot, proctree
 
 WORKERS = 2

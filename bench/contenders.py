@@ -36,7 +36,9 @@ from typing import Optional
 try:  # run as a script (python3 bench/x.py) or imported as bench.*
     import gunicorn_side
     import proctree
-except ImportError:
+except ModuleNotFoundError as e:
+    if e.name not in ("gunicorn_side", "proctree"):
+        raise  # a third-party module (matplotlib, via plot): the script says what to install
     from bench import gunicorn_side, proctree
 
 HERE = Path(__file__).resolve().parent

@@ -35,6 +35,7 @@ optional (apt-get install strace).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import shutil
@@ -45,11 +46,16 @@ import sys
 import tempfile
 import time
 
+if importlib.util.find_spec("matplotlib") is None:  # bench/plot.py (the tables) imports it
+    sys.exit("matplotlib is not installed: pip install matplotlib")
+
 try:  # run as a script (python3 bench/footprint.py) or imported as bench.*
     import contenders
     import plot
     import proctree
-except ImportError:
+except ModuleNotFoundError as e:
+    if e.name not in ('contenders', 'plot', 'proctree'):  # a third-party module
+        sys.exit(f"{e.name} is not installed: pip install {e.name}")
     from bench import contenders, plot, proctree
 
 IDLE_S = 10.0

@@ -43,6 +43,7 @@ Needs wrk (apt-get install wrk), gunicorn, waitress and uvicorn
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import shutil
@@ -52,11 +53,16 @@ import sys
 import tempfile
 import time
 
+if importlib.util.find_spec("matplotlib") is None:  # bench/plot.py (the tables) imports it
+    sys.exit("matplotlib is not installed: pip install matplotlib")
+
 try:  # run as a script (python3 bench/overhead.py) or imported as bench.*
     import contenders
     import plot
     import proctree
-except ImportError:
+except ModuleNotFoundError as e:
+    if e.name not in ('contenders', 'plot', 'proctree'):  # a third-party module
+        sys.exit(f"{e.name} is not installed: pip install {e.name}")
     from bench import contenders, plot, proctree
 
 WORKERS = 2
