@@ -687,6 +687,8 @@ def render_status(data):
         lines.append(f"listening {lst.get('address')} ({lst.get('name')})")
     if m.get("watch") is not None:
         lines.append(f"watch     {'on' if m['watch'] else 'paused'}")
+    if m.get("log_trouble"):
+        lines.append(f"logs      {m['log_trouble']}")
     lines.append(f"requests  {totals.get('requests', 0)} served, {totals.get('in_flight', 0)} in flight, "
                  f"{totals.get('connections', 0)} connections open")
     counters = data.get("counters") or {}
