@@ -9,7 +9,6 @@ workers; each worker is a fresh interpreter running the same script, where
 `fugue.start` receives the listening sockets over its channel and serves.
 """
 
-import json
 import os
 import sys
 

@@ -286,6 +286,32 @@ def recv_with_fds(sock, bufsize, maxfds=MAX_FDS):
     return data, fds
 
 
+def read_messages(sock, on_bad=None):
+    """Every message waiting on a non-blocking SOCK_SEQPACKET socket: (messages, eof).
+
+    A frame that is not a valid message goes to `on_bad(error)` and is skipped.
+    Descriptors are not expected here: received without room for them, the kernel
+    closes any a peer attached.
+    """
+    from . import protocol
+
+    messages = []
+    while True:
+        try:
+            data = sock.recv(protocol.MAX_FRAME)
+        except (BlockingIOError, InterruptedError):
+            return messages, False
+        except OSError:
+            return messages, True
+        if not data:
+            return messages, True
+        try:
+            messages.append(protocol.decode(data))
+        except protocol.ProtocolError as e:
+            if on_bad is not None:
+                on_bad(e)
+
+
 def peer_credentials(sock):
     """(pid, uid, gid) of the process at the other end of a Unix socket."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

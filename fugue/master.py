@@ -23,7 +23,7 @@ import time
 from . import notify, policy, protocol, workers
 from .errors import FugueError
 from .fds import (Listener, bind_unix_path, check_private_parent, close_listeners, connect_unix_path,
-                  peer_credentials, private_dir, recv_with_fds, send_with_fds)
+                  peer_credentials, private_dir, read_messages, recv_with_fds, send_with_fds)
 from .loop import Loop
 from .policy import WorkerState
 
@@ -689,24 +689,15 @@ class Master:
 
     def _on_upgrade_message(self):
         up = self.upgrade
-        try:
-            data = up.conn.recv(protocol.MAX_FRAME)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
+        messages, eof = read_messages(
+            up.conn, lambda e: log.warning("upgrade: bad message from the new master: %s", e))
+        for msg in messages:
+            if msg["type"] == protocol.FAILED:
+                up.reason = str(msg.get("reason"))[:2000]
+            elif msg["type"] == protocol.NEW_READY and not up.stepped_down:
+                self.step_down()
+        if eof:
             self.loop.remove_reader(up.conn)
-            return
-        try:
-            msg = protocol.decode(data)
-        except protocol.ProtocolError as e:
-            log.warning("upgrade: bad message from the new master: %s", e)
-            return
-        if msg["type"] == protocol.FAILED:
-            up.reason = str(msg.get("reason"))[:2000]
-        elif msg["type"] == protocol.NEW_READY and not up.stepped_down:
-            self.step_down()
 
     def step_down(self):
         """The new master is ready: give it the pid file and drain our workers."""
@@ -738,20 +729,11 @@ class Master:
                 self.loop.remove_reader(up.server)
                 up.server.close()
             shutil.rmtree(up.directory, ignore_errors=True)
-        while up.conn is not None and up.reason is None:
+        if up.conn is not None and up.reason is None:
             # Its last words (FAILED) may still be unread: the reap runs before the readers.
-            try:
-                data = up.conn.recv(protocol.MAX_FRAME)
-            except OSError:
-                break
-            if not data:
-                break
-            try:
-                msg = protocol.decode(data)
-            except protocol.ProtocolError:
-                continue
-            if msg["type"] == protocol.FAILED:
-                up.reason = str(msg.get("reason"))[:2000]
+            for msg in read_messages(up.conn)[0]:
+                if msg["type"] == protocol.FAILED:
+                    up.reason = str(msg.get("reason"))[:2000]
         if up.conn is not None:
             self.loop.remove_reader(up.conn)
             up.conn.close()
@@ -808,21 +790,15 @@ class Master:
             self._take_over("the old master is gone")
 
     def _on_handoff_message(self):
-        try:
-            data = self.handoff.recv(protocol.MAX_FRAME)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
+        messages, eof = read_messages(self.handoff)
+        for msg in messages:
+            self._on_old_master_message(msg)
+        if eof:
             self.loop.remove_reader(self.handoff)
             if self.old_master:
                 self._take_over(f"old master pid {self.old_master} exited")
-            return
-        try:
-            msg = protocol.decode(data)
-        except protocol.ProtocolError:
-            return
+
+    def _on_old_master_message(self, msg):
         if msg["type"] == protocol.STEPPED_DOWN:
             from .daemon import write_pid
 
@@ -838,7 +814,6 @@ class Master:
         log.info("%s", why)
         old, self.old_master = self.old_master, None
         self.handoff.close()
-        self.handoff_done = True
         from .daemon import read_pid, remove_pid, write_pid
 
         # Killed with SIGKILL, the old master left its run directory and perhaps its .oldbin.
@@ -852,7 +827,6 @@ class Master:
         if current != os.getpid() and self.rollout is None:
             write_pid(self.pid_file)
             notify.send(f"MAINPID={os.getpid()}", "READY=1")
-        del old
 
     # -- signals and commands -------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import traceback
 from . import protocol
 from .adapters.base import Stats, WorkerContext
 from .fds import recv_with_fds
-from .workers import ENV_CHANNEL, ENV_GENERATION, ENV_TARGET, ENV_WORKER_ID
+from .workers import ENV_CHANNEL, ENV_TARGET
 
 log = logging.getLogger("fugue")
 

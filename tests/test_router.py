@@ -13,7 +13,6 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 

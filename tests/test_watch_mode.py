@@ -74,7 +74,7 @@ def test_fifty_files_over_two_seconds_one_reload(fugue_proc, workdir):
 
 def test_ignored_paths_do_not_reload(fugue_proc, workdir):
     log_file = workdir / "watched.log"
-    p = fugue_proc(["app.py", "0", "1", json.dumps(dict(WATCH, log_file=str(log_file)))])
+    fugue_proc(["app.py", "0", "1", json.dumps(dict(WATCH, log_file=str(log_file)))])
     wait_for(lambda: log_file.exists() and "started: generation 1" in log_file.read_text(), what="start")
     cache = workdir / "__pycache__"
     cache.mkdir(exist_ok=True)
