@@ -101,36 +101,42 @@ class ControlServer:
             conn.close()
 
     def handle(self, conn, msg):
+        """Run one command; a refusal or a failure is the reply, never the owner's death."""
         from .master import Refused
 
-        m = self.master
         cmd = msg.get("cmd")
         try:
-            if cmd == "pid":
-                self.reply(conn, True, str(os.getpid()), {"pid": os.getpid()})
-            elif cmd == "reload":
-                m.begin_rollout("fuguectl", waiter=lambda ok, text: self.reply(conn, ok, text))
-            elif cmd == "upgrade":
-                m.begin_upgrade(waiter=lambda ok, text: self.reply(conn, ok, text))
-            elif cmd == "stop":
-                m.begin_stop("quick" if msg.get("quick") else "graceful")
-                self.reply(conn, True, "stopping", {"pid": os.getpid()})
-            elif cmd == "reopen-logs":
-                m.reopen_logs()
-                self.reply(conn, True, "reopened log files")
-            elif cmd == "scale":
-                self.reply(conn, *self._scale(msg.get("workers")))
-            elif cmd == "watch":
-                self.reply(conn, *self._watch(msg.get("on")))
-            elif cmd == "status":
-                self.begin_status(conn)
-            else:
-                self.reply(conn, False, f"unknown command {cmd!r}; known: {', '.join(COMMANDS)}")
+            self.dispatch(conn, msg)
         except Refused as e:
             self.reply(conn, False, str(e))
         except Exception as e:  # noqa: BLE001 - a bad request must not take the master down
             log.exception("control command %r failed", cmd)
             self.reply(conn, False, f"{cmd} failed: {e}")
+
+    def dispatch(self, conn, msg):
+        """The master's commands; a subclass serves another owner (the router)."""
+        m = self.master
+        cmd = msg.get("cmd")
+        if cmd == "pid":
+            self.reply(conn, True, str(os.getpid()), {"pid": os.getpid()})
+        elif cmd == "reload":
+            m.begin_rollout("fuguectl", waiter=lambda ok, text: self.reply(conn, ok, text))
+        elif cmd == "upgrade":
+            m.begin_upgrade(waiter=lambda ok, text: self.reply(conn, ok, text))
+        elif cmd == "stop":
+            m.begin_stop("quick" if msg.get("quick") else "graceful")
+            self.reply(conn, True, "stopping", {"pid": os.getpid()})
+        elif cmd == "reopen-logs":
+            m.reopen_logs()
+            self.reply(conn, True, "reopened log files")
+        elif cmd == "scale":
+            self.reply(conn, *self._scale(msg.get("workers")))
+        elif cmd == "watch":
+            self.reply(conn, *self._watch(msg.get("on")))
+        elif cmd == "status":
+            self.begin_status(conn)
+        else:
+            self.reply(conn, False, f"unknown command {cmd!r}; known: {', '.join(COMMANDS)}")
 
     def _scale(self, value):
         m = self.master

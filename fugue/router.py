@@ -42,9 +42,11 @@ import time
 from . import apps as appconf
 from . import notify, policy, protocol
 from .errors import ConfigError, FugueError
-from .fds import bind_unix_path, close_listeners, connect_unix_path, peer_credentials
+from .fds import bind_unix_path, close_listeners, connect_unix_path
 from .inbox import inbox_pair, send_connection
+from .control import ControlServer
 from .loop import Loop
+from .master import Refused
 from .sniff import NEED_MORE, SniffError, sniff
 
 log = logging.getLogger("fugue")
@@ -143,7 +145,6 @@ class Router:
         self.seq = 0
         self.counters = collections.Counter()
         self.asks = {}                     # sock -> (deadline, callback)
-        self.clients = set()               # control connections waiting for a reply
         self.stopping = None
         self.exit_status = 0
         self.ready = False
@@ -170,16 +171,8 @@ class Router:
         except ImportError:
             pass
         write_pid(self.pid_file)
-        path = os.path.join(self.run_dir, "control.sock")
-        self.control = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        old = os.umask(0o177)
-        try:
-            bind_unix_path(self.control, path)
-        finally:
-            os.umask(old)
-        self.control.listen(16)
-        self.control.setblocking(False)
-        self.loop.add_reader(self.control, self.on_control_connect)
+        self.control = RouterControl(self, os.path.join(self.run_dir, "control.sock"))
+        self.loop.add_reader(self.control.sock, self.control.accept)
         for lst in self.listeners:
             lst.sock.setblocking(False)
             self.loop.add_reader(lst.sock, lambda lst=lst: self.on_accept(lst))
@@ -232,6 +225,8 @@ class Router:
             deadlines.append(now + (REPEEK if self.repeek else BACKLOG_RETRY))
         deadlines += [app.not_before for app in self.apps.values() if app.state == "backoff"]
         deadlines += [d for d, _ in self.asks.values()]
+        deadlines.append(self.control.deadline() if self.control is not None else None)
+        deadlines = [d for d in deadlines if d is not None]
         return min(deadlines, default=None)
 
     def finished(self):
@@ -723,8 +718,6 @@ class Router:
             self.close(conn)
         for sock in list(self.asks):
             sock.close()
-        for sock in list(self.clients):
-            sock.close()
         close_listeners(self.listeners, unlink=True)
         if self.control is not None:
             self.control.close()
@@ -736,55 +729,8 @@ class Router:
 
     # -- control socket: fuguectl's way in ------------------------------------------------
 
-    def on_control_connect(self):
-        while True:
-            try:
-                conn, _ = self.control.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            _, uid, _ = peer_credentials(conn)
-            if uid not in (0, os.getuid()):
-                log.warning("control: refused a connection from uid %d", uid)
-                conn.close()
-                continue
-            conn.setblocking(False)
-            self.clients.add(conn)
-            self.loop.add_reader(conn, lambda c=conn: self.on_request(c))
-
-    def on_request(self, conn):
-        try:
-            data = conn.recv(protocol.MAX_FRAME)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        self.loop.remove_reader(conn)
-        if not data:
-            self.clients.discard(conn)
-            conn.close()
-            return
-        try:
-            msg = protocol.decode(data)
-        except protocol.ProtocolError as e:
-            self.reply(conn, False, f"bad request: {e}")
-            return
-        try:
-            self.command(conn, msg)
-        except Refused as e:
-            self.reply(conn, False, str(e))
-        except Exception as e:  # noqa: BLE001 - a bad request must not take the router down
-            log.exception("control command %r failed", msg.get("cmd"))
-            self.reply(conn, False, f"{msg.get('cmd')} failed: {e}")
-
     def reply(self, conn, ok, text, data=None):
-        if conn not in self.clients:
-            return
-        self.clients.discard(conn)
-        try:
-            conn.send(protocol.encode("reply", ok=ok, text=text, data=data))
-        except OSError:
-            pass
-        conn.close()
+        self.control.reply(conn, ok, text, data)
 
     def command(self, conn, msg):
         cmd = msg.get("cmd")
@@ -956,10 +902,6 @@ class Router:
         sock.close()
         if entry:
             entry[1](ok, text, data)
-
-
-class Refused(Exception):
-    """A command that cannot run now; the text says why."""
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -1151,3 +1093,10 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+class RouterControl(ControlServer):
+    """The control socket (0600, SO_PEERCRED, silent clients cut off), with the router's commands."""
+
+    def dispatch(self, conn, msg):
+        self.master.command(conn, msg)
