@@ -96,30 +96,16 @@ def is_routed(data):
 def is_routed_file(path):
     """True if the TOML file at `path` has [apps.*] tables; False if not or unreadable
     (the caller's own loader then reports what is wrong with it)."""
-    import tomllib
-
     try:
-        with open(os.path.join(config.start_directory(), path), "rb") as f:
-            return is_routed(tomllib.load(f))
-    except (OSError, ValueError):
+        return is_routed(config.read_toml(path)[0])
+    except ConfigError:
         return False
 
 
 def load(path, start_dir=None, overrides=None):
     """Read and validate a routed-mode file. `overrides` (from flags) win over the file."""
-    import tomllib
-
     start_dir = start_dir or config.start_directory()
-    full = os.path.join(start_dir, path)
-    try:
-        with open(full, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found") from None
-    except PermissionError:
-        raise ConfigError(f"config file {path}: permission denied") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path}: {e}") from None
+    data, full = config.read_toml(path, start_dir)
     return parse(data, full, start_dir, overrides)
 
 

@@ -8,7 +8,6 @@ allowed names or values. Nothing here touches the OS beyond path arithmetic.
 
 import dataclasses
 import os
-from typing import Any
 
 from .errors import ConfigError
 
@@ -251,21 +250,21 @@ def merge(*layers):
     return out
 
 
-def load_toml(path) -> dict[str, Any]:
-    """Read a TOML config file; errors name the file and the key."""
+def read_toml(path, start_dir=None):
+    """(data, full path) of a TOML config file; every failure is one ConfigError line.
+
+    `path` is shown as given; it is read relative to the start directory."""
     import tomllib
 
+    full = os.path.join(start_dir or start_directory(), path)
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        with open(full, "rb") as f:
+            return tomllib.load(f), full
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
     except PermissionError:
         raise ConfigError(f"config file {path}: permission denied") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path}: {e}") from None
-    for key, value in data.items():
-        if key in ("app", "script", "apps"):
-            continue
-        coerce(key, value, source=f"key in {path}:")
-    return data
+        raise ConfigError(f"config file {path}: not valid TOML: {e}") from None

@@ -225,21 +225,8 @@ def load_config_file(path, only=None):
 
     `only`: check and return just these keys (the control commands need the pid
     file and tmp_path: a config being edited must not stop `fuguectl stop`)."""
-    import tomllib
-
     shown = path
-    full = os.path.join(config.start_directory(), path)
-    try:
-        with open(full, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {shown} not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {shown} is a directory") from None
-    except PermissionError:
-        raise ConfigError(f"config file {shown}: permission denied") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {shown}: not valid TOML: {e}") from None
+    data, full = config.read_toml(path)
     base = os.path.dirname(full)
     options, target = {}, {}
     for key, value in data.items():
