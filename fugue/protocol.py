@@ -16,7 +16,7 @@ HELLO = "hello"          # + listener descriptors; worker id, generation, option
 STOP = "stop"            # {"graceful": bool}
 REOPEN = "reopen"        # + new log descriptor (stdout and stderr)
 STATS = "stats"          # {"seq": n}: answer with STATS_REPLY
-CONN = "conn"            # + one accepted connection (routed mode)
+CONN = "conn"            # router -> an app's inbox: one accepted connection (fugue.inbox)
 STATUS = "status"        # {"seq", "data"}: the aggregate a worker asked for (fugue.server_status)
 # worker -> master
 READY = "ready"

@@ -218,12 +218,6 @@ class Runtime(WorkerContext):
             from .status import deliver_to_worker
 
             deliver_to_worker(self, msg)
-        elif kind == protocol.CONN and fds:
-            sock = socket.socket(fileno=fds.pop(0))
-            if self.adapter is not None and self.adapter.takes_connections and not self.draining:
-                self.adapter.take_connection(sock, msg.get("info") or {})
-            else:
-                sock.close()
         for fd in fds:
             os.close(fd)
 

@@ -239,12 +239,12 @@ def test_wsgi_import_error_rolls_back(fugue_proc, workdir):
     assert "version v1" in p.body()
 
 
-# -- routed connections and drains, in process ---------------------------------------
+# -- serving and draining, in process (no master) -------------------------------------
 
 
 class FakeContext(WorkerContext):
     """A WorkerContext without a master: `post(fn)` runs fn on the adapter's loop
-    through ctx.dispatch(), the way the worker delivers STOP and CONN messages."""
+    through ctx.dispatch(), the way the worker delivers the master's STOP."""
 
     def __init__(self, listener):
         self.worker_id, self.generation = 1, 1
@@ -331,21 +331,16 @@ def routed_serve(sock, *, stop):
     (routed_wsgi, "wsgi"), (routed_asgi, "asgi"), (routed_handler, "asyncio"), (RoutedProtocol, "asyncio"),
     (routed_serve, "plain"),
 ])
-def test_routed_connection_is_served_then_drained(app, kind):
+def test_connection_is_served_then_drained(app, kind):
     listener = socket.create_server(("127.0.0.1", 0))
-    elsewhere = socket.create_server(("127.0.0.1", 0))   # stands in for the master's router
+    address = listener.getsockname()  # the callable adapter takes the descriptor over
     ctx = FakeContext(listener)
     adapter = pick(app, {})
-    assert adapter.takes_connections
     runner = threading.Thread(target=adapter.run, args=(ctx,), daemon=True)
     runner.start()
     try:
         assert ctx.ready.wait(10)
-        if kind == "plain":  # serve() must be in accept() before connections are routed to it
-            wait_for(lambda: adapter._accepting, what="serve() in accept()")
-        client = socket.create_connection(elsewhere.getsockname(), timeout=10)
-        routed, peer = elsewhere.accept()
-        ctx.post(lambda: adapter.take_connection(routed, {"peer": list(peer)}))
+        client = socket.create_connection(address, timeout=10)
         client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         reply = b""
         while b"hello from" not in reply:
@@ -365,5 +360,4 @@ def test_routed_connection_is_served_then_drained(app, kind):
         assert not runner.is_alive(), "run() did not return after the drain"
         assert ctx.stats.requests >= 1 and ctx.stats.in_flight == 0
     finally:
-        elsewhere.close()
         listener.close()

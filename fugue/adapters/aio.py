@@ -36,7 +36,6 @@ def _is_protocol_class(target):
 
 class AsyncioAdapter(Adapter):
     kind = "asyncio"
-    takes_connections = True
 
     @classmethod
     def accepts(cls, target):
@@ -195,16 +194,3 @@ class AsyncioAdapter(Adapter):
         self._abort_all()
         self._maybe_done()
 
-    def take_connection(self, sock, info):
-        if self.loop is None or self.ctx.draining:
-            sock.close()
-            return
-        sock.setblocking(False)
-        self.loop.create_task(self._adopt(sock))
-
-    async def _adopt(self, sock):
-        try:
-            await self.loop.connect_accepted_socket(self.factory, sock)
-        except OSError as e:
-            log.warning("cannot serve a routed connection: %s", e)
-            sock.close()

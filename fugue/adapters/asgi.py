@@ -19,14 +19,10 @@ its client sends one more request or hangs up (or uvicorn's keep-alive
 timeout, `timeout_keep_alive`, ends it, as it does outside a drain too).
 When no connection is left, or at the graceful deadline, uvicorn's shutdown
 runs (`should_exit`): remaining tasks, then lifespan shutdown.
-
-Routed connections (take_connection) are given to uvicorn's HTTP protocol
-with `loop.connect_accepted_socket`, as its own server would.
 """
 
 import asyncio
 import contextlib
-import functools
 import importlib.util
 import logging
 import time
@@ -59,7 +55,6 @@ def is_asgi3(target):
 
 class AsgiAdapter(Adapter):
     kind = "asgi"
-    takes_connections = True
 
     @classmethod
     def accepts(cls, target):
@@ -198,19 +193,3 @@ class AsgiAdapter(Adapter):
             if transport is not None:
                 transport.abort()
 
-    def take_connection(self, sock, info):
-        srv = self.server
-        if self.loop is None or not srv.started or self.ctx.draining:
-            sock.close()
-            return
-        factory = functools.partial(srv.config.http_protocol_class, config=srv.config,
-                                    server_state=srv.server_state, app_state=srv.lifespan.state)
-        sock.setblocking(False)
-        self.loop.create_task(self._adopt(factory, sock))
-
-    async def _adopt(self, factory, sock):
-        try:
-            await self.loop.connect_accepted_socket(factory, sock)
-        except OSError as e:
-            log.warning("cannot serve a routed connection: %s", e)
-            sock.close()

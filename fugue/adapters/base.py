@@ -18,14 +18,11 @@ What an adapter promises:
                     answered with `Connection: close`; run() returns when all is
                     done or at ctx.graceful_deadline.
     quick_stop()    close everything now; run() returns at once.
-    take_connection(sock, info)   (only if `takes_connections`): serve an
-                    already accepted connection passed by the master's router.
 - It counts through `ctx.stats`: connection_opened/closed, request_started/finished.
 
 Adapters import only this module (and their own server library).
 """
 
-import socket
 import threading
 import time
 
@@ -113,7 +110,6 @@ class Adapter:
     """Base of every kind of server; subclasses override run() and the stop hooks."""
 
     kind = "base"
-    takes_connections = False
 
     def __init__(self, target, options):
         self.target = target
@@ -132,6 +128,3 @@ class Adapter:
 
     def quick_stop(self):
         raise NotImplementedError
-
-    def take_connection(self, sock: socket.socket, info: dict):
-        sock.close()

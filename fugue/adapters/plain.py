@@ -22,11 +22,10 @@ a second (for apps that hand the descriptor to another library); with the
 wait_ready option the app says it with `fugue.ready()`.
 
 Counting: a connection accepted through `sock.accept()` is one request, open
-until closed. Routed connections (take_connection) are returned by the next
-`sock.accept()` of an app that uses it.
+until closed. In routed mode the socket is the app's inbox, which accept()
+reads like a listener.
 """
 
-import collections
 import errno
 import inspect
 import logging
@@ -78,7 +77,7 @@ class _Conn(socket.socket):
 
 
 class _Listener(socket.socket):
-    """The socket `serve` gets: accept() stops at the drain and yields routed connections.
+    """The socket `serve` gets: accept() stops at the drain.
 
     The descriptor stays non-blocking (its open file is shared with every worker
     and the master, and several workers race for each connection); the blocking
@@ -109,10 +108,6 @@ class _Listener(socket.socket):
         while True:
             if adapter.stop.is_set():
                 raise OSError(errno.EBADF, "fugue is draining: this worker accepts no more connections")
-            routed = adapter._pop_routed()
-            if routed is not None:
-                sock, addr = routed
-                return adapter._counted(sock, addr), addr
             try:
                 fd, addr = self._accept()
             except (BlockingIOError, InterruptedError):
@@ -132,7 +127,6 @@ class _Listener(socket.socket):
 
 class CallableAdapter(Adapter):
     kind = "callable"
-    takes_connections = True
 
     @classmethod
     def accepts(cls, target):
@@ -158,11 +152,6 @@ class CallableAdapter(Adapter):
         self.failed = None
         self._quit = False
         self._accepting = False
-        self._routed = collections.deque()
-        self._routed_r, self._routed_w = socket.socketpair()
-        self._routed_r.setblocking(False)
-        self._routed_w.setblocking(False)
-        self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -178,14 +167,8 @@ class CallableAdapter(Adapter):
         with selectors.DefaultSelector() as sel:
             sel.register(listener, selectors.EVENT_READ)
             sel.register(self.stop.fileno(), selectors.EVENT_READ)
-            sel.register(self._routed_r, selectors.EVENT_READ)
             ready = sel.select(timeout)
-        self._drain(self._routed_r)
         return bool(ready)
-
-    def _pop_routed(self):
-        with self._lock:
-            return self._routed.popleft() if self._routed else None
 
     def _counted(self, sock, addr):
         conn = _Conn(sock.family, sock.type, sock.proto, fileno=sock.detach())
@@ -299,23 +282,8 @@ class CallableAdapter(Adapter):
 
     def begin_drain(self):
         self.stop.set()
-        with self._lock:
-            routed, self._routed = list(self._routed), collections.deque()
-        for sock, _ in routed:
-            sock.close()
 
     def quick_stop(self):
         self._quit = True
         self.stop.set()
 
-    def take_connection(self, sock, info):
-        if not self._accepting or self.stop.is_set():
-            sock.close()
-            return
-        addr = tuple(info["peer"]) if info.get("peer") else sock.getpeername()
-        with self._lock:
-            self._routed.append((sock, addr))
-        try:
-            self._routed_w.send(b"\0")
-        except OSError:
-            pass

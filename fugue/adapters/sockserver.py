@@ -34,7 +34,6 @@ def _no_delay(sock):
 
 class SocketServerAdapter(Adapter):
     kind = "socketserver"
-    takes_connections = True
 
     @classmethod
     def accepts(cls, target):
@@ -211,19 +210,6 @@ class SocketServerAdapter(Adapter):
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-
-    def take_connection(self, sock, info):
-        server = self.server
-        addr = tuple(info["peer"]) if info.get("peer") else sock.getpeername()
-        if server.verify_request(sock, addr):
-            try:
-                server.process_request(sock, addr)
-            except Exception:  # noqa: BLE001 - as socketserver does
-                server.handle_error(sock, addr)
-                server.shutdown_request(sock)
-        else:
-            server.shutdown_request(sock)
-
 
 class HandlerAdapter(SocketServerAdapter):
     """A BaseRequestHandler class: served by a ThreadingTCPServer (or HTTP server) fugue makes."""

@@ -14,9 +14,6 @@ close` (waitress then closes after flushing it); an idle keep-alive connection
 is left open until its client sends one more request (answered with close) or
 hangs up, so it is never closed under a client that is reusing it. At the
 graceful deadline what is left is closed.
-
-Routed connections (take_connection) become waitress channels of the first
-listener's server, exactly as if that server had accepted them.
 """
 
 import logging
@@ -81,7 +78,6 @@ class _Waker:
 
 class WsgiAdapter(Adapter):
     kind = "wsgi"
-    takes_connections = True
 
     @classmethod
     def accepts(cls, target):
@@ -207,15 +203,3 @@ class WsgiAdapter(Adapter):
     def quick_stop(self):
         self._quit = True
 
-    def take_connection(self, sock, info):
-        if not self.servers or self.ctx.draining:
-            sock.close()
-            return
-        srv = self.servers[0]
-        try:
-            addr = tuple(info["peer"]) if info.get("peer") else sock.getpeername()
-            srv.set_socket_options(sock)
-        except OSError:
-            sock.close()
-            return
-        srv.channel_class(srv, sock, srv.fix_addr(addr), srv.adj, map=self.map)
