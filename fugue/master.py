@@ -426,13 +426,7 @@ class Master:
             pass
 
     def reap(self):
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in workers.reaped():
             if self.upgrade is not None and pid == self.upgrade.pid:
                 self.upgrade_exited(status)
                 continue

@@ -48,6 +48,7 @@ from .control import ControlServer
 from .loop import Loop
 from .master import Refused
 from .sniff import NEED_MORE, SniffError, sniff
+from .workers import describe_status, reaped
 
 log = logging.getLogger("fugue")
 
@@ -524,13 +525,7 @@ class Router:
         notify.send("READY=1", f"MAINPID={os.getpid()}", f"STATUS={text}")
 
     def reap(self):
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reaped():
             app = next((a for a in self.apps.values() if a.pid == pid), None)
             if app is not None:
                 self.master_exited(app, status)
@@ -541,13 +536,9 @@ class Router:
                 log.info("%s: its old master pid %d exited", old, pid)
                 self.maybe_remove(old)
                 continue
-            from .workers import describe_status
-
             log.info("reaped pid %d (%s): an orphan of an app's master", pid, describe_status(status))
 
     def master_exited(self, app, status):
-        from .workers import describe_status
-
         desc = describe_status(status)
         app.pid = None
         reason = app.status_text if app.status_text.startswith("start failed") else ""

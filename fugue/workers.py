@@ -236,6 +236,18 @@ def _place_listen_fds(fds, env, keep):
     return keep_high
 
 
+def reaped():
+    """(pid, status) of each child that has exited, without blocking, until none is left."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
+
+
 def channel_pair():
     """(master end, worker end): a SOCK_SEQPACKET pair, both close-on-exec."""
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
