@@ -21,7 +21,6 @@ uvicorn's "Application startup complete") plus one answered request.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -51,20 +50,6 @@ def _copy_apps(app_dir: Path) -> None:
     app_dir.mkdir(exist_ok=True)
     for source in APPS.glob("*.py"):
         shutil.copyfile(source, app_dir / source.name)
-
-
-def _answers(port: int, path: str = "/", timeout: float = 2.0) -> Optional[str]:
-    """One plain GET on a fresh connection; the body, or None if it failed."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        body = response.read().decode()
-        return body.strip() if response.status == 200 else None
-    except OSError:
-        return None
-    finally:
-        conn.close()
 
 
 def _cmdline(pid: int) -> str:
@@ -158,9 +143,7 @@ class _Proc:
         self.set_generation("0")
 
     def set_generation(self, gen) -> None:
-        tmp = self.gen_file.with_suffix(".tmp")
-        tmp.write_text(f"{gen}\n")
-        os.replace(tmp, self.gen_file)
+        proctree.write_atomically(self.gen_file, f"{gen}\n")
 
     def env(self) -> dict:
         paths = [str(ROOT), str(self.app_dir)] + [
@@ -193,7 +176,7 @@ class _Proc:
         return proctree.wait_for(seen, timeout, f"{self.name}: {what}")
 
     def answers(self, path: str = "/") -> Optional[str]:
-        return _answers(self.port, path)
+        return proctree.http_body(self.port, path)
 
     def break_app(self) -> None:
         """Append a syntax error to hello_wsgi.py (which chaos_wsgi imports)."""
@@ -378,7 +361,7 @@ class GunicornServer(gunicorn_side.Gunicorn):
         return stubborn
 
     def answers(self, path: str = "/") -> Optional[str]:
-        return _answers(self.port, path)
+        return proctree.http_body(self.port, path)
 
 
 class BareServer(_Proc):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import http.client
 import os
 import re
 import shutil
@@ -102,9 +101,7 @@ class Gunicorn:
 
     def set_generation(self, gen) -> None:
         """Workers that import the app from now on answer "gen <gen>"."""
-        tmp = self.gen_file.with_suffix(".tmp")
-        tmp.write_text(f"{gen}\n")
-        os.replace(tmp, self.gen_file)
+        proctree.write_atomically(self.gen_file, f"{gen}\n")
 
     def start(self, port: Optional[int] = None) -> int:
         """Start a master on `port` (default: a port probed free just now)."""
@@ -162,16 +159,7 @@ class Gunicorn:
 
     def answers(self) -> Optional[str]:
         """One plain GET; the body, or None if the server did not answer."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-        try:
-            conn.request("GET", "/")
-            response = conn.getresponse()
-            body = response.read().decode()
-            return body.strip() if response.status == 200 else None
-        except OSError:
-            return None
-        finally:
-            conn.close()
+        return proctree.http_body(self.port)
 
     def break_app(self) -> None:
         """Append a syntax error to the app copy that workers import."""

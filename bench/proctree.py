@@ -139,3 +139,28 @@ def kill_group(pgid: int, grace: float = 5.0,
     for p in popens:
         p.wait()
     return stubborn
+
+
+def http_body(port, path="/", timeout=2.0):
+    """One plain GET on a fresh connection to 127.0.0.1:port; the body, or None if it failed."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read().decode()
+        return body.strip() if response.status == 200 else None
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+def write_atomically(path, text):
+    """Replace the file at `path` (a pathlib.Path) with `text` in one rename."""
+    import os
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -49,7 +49,6 @@ import argparse
 import collections
 import dataclasses
 import datetime
-import http.client
 import json
 import os
 import re
@@ -199,16 +198,7 @@ class Fugue:
 
     def answers(self) -> Optional[str]:
         """One plain GET on a fresh connection; the body, or None."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-        try:
-            conn.request("GET", "/")
-            response = conn.getresponse()
-            body = response.read().decode()
-            return body.strip() if response.status == 200 else None
-        except OSError:
-            return None
-        finally:
-            conn.close()
+        return proctree.http_body(self.port)
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess:
         """fuguectl ARGS against this master."""
