@@ -15,7 +15,7 @@ import sys
 from .errors import ConfigError, FugueError
 
 __all__ = ["start", "worker_id", "generation", "ready", "on_takedown", "stats", "server_status",
-           "FugueError", "ConfigError"]
+           "set_version", "FugueError", "ConfigError"]
 __version__ = "0.1.0"
 
 # Set by fuguectl before it runs a target in the master: what the workers run,
@@ -50,6 +50,17 @@ def ready():
     rt = _in_worker()
     if rt:
         rt.app_ready()
+
+
+def set_version(text):
+    """In a worker: the app's version, shown by /healthz so a deploy tool sees the new code is live.
+
+    Wins over the `version` option; call it at import time or later (it is sent at once).
+    In the master it does nothing: the workers, running the same code, report it.
+    """
+    rt = _in_worker()
+    if rt:
+        rt.set_version(text)
 
 
 def on_takedown(fn):

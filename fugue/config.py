@@ -53,7 +53,9 @@ OPTIONS = [
     ("watch_include", "list", ["*.py"], "globs of files whose change reloads"),
     ("watch_exclude", "list", [], "globs of files never watched (added to the built-in ignores)"),
     ("watch_settle", "float0", 0.3, "seconds the tree must be quiet before a watch reload"),
-    ("status_bind", "str", None, "HOST:PORT of a management HTTP listener (JSON and Prometheus)"),
+    ("status_bind", "str", None, "HOST:PORT of a management HTTP listener (JSON, Prometheus, /healthz, /livez)"),
+    ("drain_delay", "float0", 0.0, "seconds of 503 on /healthz, still serving, before a graceful stop"),
+    ("version", "str", None, "version shown by /healthz (the app's fugue.set_version() wins)"),
     ("hostnames", "list", [], "routed mode: hostnames this app serves"),
 ]
 

@@ -24,7 +24,7 @@ log = logging.getLogger("fugue")
 
 STATUS_WAIT = 1.0
 REQUEST_WAIT = 5.0  # a client must send its request this soon after connecting (fuguectl does at once)
-COMMANDS = ("status", "reload", "upgrade", "stop", "scale", "reopen-logs", "pid", "watch")
+COMMANDS = ("status", "reload", "upgrade", "stop", "scale", "reopen-logs", "pid", "watch", "drain", "undrain")
 
 
 class ControlServer:
@@ -125,7 +125,11 @@ class ControlServer:
             m.begin_upgrade(waiter=lambda ok, text: self.reply(conn, ok, text))
         elif cmd == "stop":
             m.begin_stop("quick" if msg.get("quick") else "graceful")
-            self.reply(conn, True, "stopping", {"pid": os.getpid()})
+            held = m.drain.describe() if m.stopping is None else None
+            text = f"draining for {held['stop_in']:g}s, then stopping" if held and held["stop_in"] else "stopping"
+            self.reply(conn, True, text, {"pid": os.getpid()})
+        elif cmd in ("drain", "undrain"):
+            self.reply(conn, True, m.drain.set_manual(cmd == "drain"))
         elif cmd == "reopen-logs":
             m.reopen_logs()
             self.reply(conn, True, "reopened log files")

@@ -4,7 +4,7 @@
     fuguectl start [OPTIONS] --app MODULE:ATTR    a server object (or WSGI/ASGI app)
     fuguectl start [OPTIONS] -- COMMAND [ARGS...] a foreign program fed through LISTEN_FDS
     fuguectl check [OPTIONS] [TARGET]             validate, start nothing
-    fuguectl stop|reload|upgrade|scale|reopen-logs|status|pid|watch
+    fuguectl stop|reload|upgrade|scale|reopen-logs|status|pid|watch|drain|undrain
 
 Who calls it: the `fuguectl` console script, `python -m fugue.ctl`, systemd units.
 What it promises: every option of fugue.start is a flag and a key of a TOML
@@ -50,7 +50,7 @@ ALIASES = {
 NOT_FLAGS = ("command",)          # given as `fuguectl start -- COMMAND ARGS...`
 TARGET_KEYS = ("app", "script")   # config file keys that name what to run
 CONTROL_COMMANDS = ("stop", "reload", "upgrade", "scale", "reopen-logs", "status", "pid", "watch",
-                    "add", "remove")
+                    "add", "remove", "drain", "undrain")
 COMMANDS = ("start", "check") + CONTROL_COMMANDS
 
 
@@ -144,6 +144,8 @@ def build_parser():
     control("pid", "print the pid of the running master")
     control("watch", "pause or resume watch mode").add_argument(
         "state", choices=("on", "off"), help="on: reload on changes; off: pause watching")
+    control("drain", "take this host out of load balancers: /healthz says 503, all goes on serving")
+    control("undrain", "end a drain: /healthz follows the workers again")
     control("add", "routed mode: start APP as the config file now describes it").add_argument(
         "app", metavar="APP", help="the name of an [apps.APP] table")
     control("remove", "routed mode: stop routing to APP and drain its master").add_argument(
@@ -665,6 +667,10 @@ def render_status(data):
         gen += f", upgrading to new master pid {m['upgrade'].get('new_pid')}"
     if m.get("stopping"):
         gen += f", stopping ({m['stopping']})"
+    drain = m.get("draining")
+    if drain:
+        gen += ", draining" + (f" (stop in {duration(drain['stop_in'])})" if drain.get("stop_in") is not None
+                               else " (fuguectl drain)")
     lines.append(f"workers   {data.get('ready_workers', 0)} ready of {m.get('workers_wanted')} wanted; {gen}")
     event = m.get("last_event")
     if event:

@@ -24,6 +24,7 @@ from . import notify, policy, protocol, workers
 from .errors import FugueError
 from .fds import (Listener, bind_unix_path, check_private_parent, close_listeners, connect_unix_path,
                   peer_credentials, private_dir, read_messages, recv_with_fds, send_with_fds)
+from .health import Drain
 from .loop import Loop
 from .policy import WorkerState
 
@@ -125,6 +126,7 @@ class Master:
         self.watcher = None
         self.restarts = {}              # slot -> respawns after unexpected exits
         self._worker_options = self._plain_options()
+        self.drain = Drain(self)        # drain_delay and fuguectl drain (fugue.health)
 
     # -- setup --------------------------------------------------------------------
 
@@ -218,7 +220,7 @@ class Master:
         Timers first: a due one may start a rollout (watch) that decide must see now.
         """
         timers = [self._upgrade_deadline(), self._watch_deadline(),
-                  self.control.deadline() if self.control else None]
+                  self.control.deadline() if self.control else None, self.drain.tick()]
         for _ in range(4):
             now = time.monotonic()
             actions, deadline = policy.decide(self.snapshot(now))
@@ -887,6 +889,8 @@ class Master:
     def begin_stop(self, how, handed_over=False):
         if self.stopping == "quick" or (self.stopping == how):
             return
+        if how == "graceful" and not handed_over and self.drain.hold_stop():
+            return  # /healthz says 503 now; the stop begins after drain_delay
         self.stopping = how
         if not handed_over:
             notify.send("STOPPING=1")

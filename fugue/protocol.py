@@ -18,6 +18,7 @@ REOPEN = "reopen"        # + new log descriptor (stdout and stderr)
 STATS = "stats"          # {"seq": n}: answer with STATS_REPLY
 CONN = "conn"            # router -> an app's inbox: one accepted connection (fugue.inbox)
 STATUS = "status"        # {"seq", "data"}: the aggregate a worker asked for (fugue.server_status)
+DRAIN = "drain"          # {"on": bool}: the host drains for load balancers: answer with Connection: close
 # worker -> master
 READY = "ready"
 HEARTBEAT = "hb"         # {"stats": {...}}

@@ -19,6 +19,7 @@ import time
 
 from . import protocol
 from .daemon import log_trouble
+from .health import health_state
 from .policy import WorkerState
 
 TOTALS = ("requests", "in_flight", "connections", "connections_total")
@@ -59,6 +60,8 @@ def collect(master):
             "pending_generation": master.rollout.generation if master.rollout else None,
             "workers_wanted": master.target_count,
             "stopping": master.stopping,
+            "draining": master.drain.describe() if hasattr(master, "drain") else None,
+            "healthy": health_state(master)[0],
             "upgrade": None if master.upgrade is None else {"new_pid": master.upgrade.pid},
             "last_event": None if event is None else {
                 "what": event[0], "ok": event[1], "text": event[2], "at": event[3],

@@ -8,6 +8,8 @@ request per connection.
 
     GET /status    the aggregate (fugue.status.collect) as JSON
     GET /metrics   the same as Prometheus text (prometheus-client's exposition)
+    GET /healthz   200 while serving and not draining, else 503 (fugue.health)
+    GET /livez     200: the master's loop answers
 
 On USR2 the new master binds the same port with SO_REUSEPORT while the old one
 still listens (both answer until the old one exits). A fresh master binds
@@ -60,7 +62,9 @@ def bind_status(spec, share):
         sock.bind(addr)
         if not share:  # exclusive bind first, then let our successor share it
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.listen(64)
+            sock.listen(64)
+        # A new master (share) listens only once it serves (StatusServer.follow_handoff):
+        # until then every check reaches the old master, whose /healthz is still true.
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
@@ -82,7 +86,9 @@ class StatusServer:
     def __init__(self, master, bind):
         self.master = master
         self.bind = bind
-        self.sock = bind_status(bind, share=getattr(master, "handoff", None) is not None)
+        share = getattr(master, "handoff", None) is not None
+        self.sock = bind_status(bind, share=share)
+        self.listening, self.closed = not share, False
         self.clients = {}
         try:
             import prometheus_client  # noqa: F401
@@ -145,6 +151,11 @@ class StatusServer:
         head_only = method == "HEAD"
         if method not in ("GET", "HEAD"):
             self._respond(conn, 405, "text/plain", b"only GET\n", extra={"Allow": "GET, HEAD"})
+        elif path in ("/healthz", "/livez"):  # answered from the master's state at once: no worker asked
+            from . import health
+
+            code, body = (health.healthz if path == "/healthz" else health.livez)(self.master)
+            self._respond(conn, code, "application/json", body, head_only)
         elif path in ("/status", "/status.json"):
             self.master.control.fresh_status(lambda data: self._respond(
                 conn, 200, "application/json", (json.dumps(data, indent=1) + "\n").encode(), head_only))
@@ -207,10 +218,29 @@ class StatusServer:
         pending = [now + WRITE_RETRY if c.out else c.deadline for c in self.clients.values()]
         return min(pending, default=None)
 
+    def follow_handoff(self):
+        """Called every loop pass (via fugue.health): during a USR2 upgrade, one master answers.
+
+        The new master joins the port's SO_REUSEPORT group only once its first generation
+        serves; the old one leaves it once it has stepped down (it answers what it had
+        accepted). So a load balancer's check never hears "starting" or "stopping" from
+        a host whose service goes on through the upgrade.
+        """
+        m = self.master
+        if not self.listening and not self.closed and m.rollout is None and not m.stopping:
+            self.sock.listen(64)
+            self.listening = True
+        elif self.listening and getattr(m, "stepped_down", False):
+            self.accept()
+            m.loop.remove_reader(self.sock)
+            self.sock.close()
+            self.listening, self.closed = False, True
+
     def close(self):
         for conn in list(self.clients):
             self._drop(conn)
         self.sock.close()
+        self.closed = True
 
 
 # -- Prometheus ----------------------------------------------------------------------------
@@ -242,6 +272,10 @@ class _Collector:
                                 value=m["generation"])
         yield GaugeMetricFamily("fugue_workers_wanted", "workers the master keeps running",
                                 value=m["workers_wanted"])
+        yield GaugeMetricFamily("fugue_healthy", "1 if /healthz says 200 (serving, not draining)",
+                                value=1 if m.get("healthy") else 0)
+        yield GaugeMetricFamily("fugue_draining", "1 while draining (drain_delay before a stop, fuguectl drain)",
+                                value=1 if m.get("draining") else 0)
         states = {"starting": 0, "ready": 0, "draining": 0, "killed": 0}
         for row in self.data["workers"]:
             states[row["state"]] = states.get(row["state"], 0) + 1

@@ -67,6 +67,8 @@ class Runtime(WorkerContext):
         self.tick_interval = max(0.05, min(timeout / 3.0, 10.0))
         self.graceful_timeout = float(self.options.get("graceful_timeout") or 30.0)
         self.draining = False
+        self.lb_draining = False
+        self.version = None
         self.graceful_deadline = None
         self.adapter = None
         self.master_gone = False
@@ -202,7 +204,17 @@ class Runtime(WorkerContext):
     def _small_stats(self):
         snap = self.stats.snapshot()
         snap.pop("current", None)
+        if self.version is not None:
+            snap["version"] = self.version
         return snap
+
+    def set_version(self, text):
+        """fugue.set_version(): /healthz shows it; heard by the master with the next heartbeat, now if READY."""
+        from .health import clean_version
+
+        self.version = clean_version(str(text))
+        if self._ready_sent:
+            self._send(protocol.HEARTBEAT, stats=self._small_stats())
 
     def _handle(self, msg, fds):
         kind = msg["type"]
@@ -214,6 +226,8 @@ class Runtime(WorkerContext):
         elif kind == protocol.STATS:
             snap = self.stats.snapshot()
             self._send(protocol.STATS_REPLY, seq=msg.get("seq"), stats=snap)
+        elif kind == protocol.DRAIN:
+            self.lb_draining = bool(msg.get("on"))
         elif kind == protocol.STATUS:
             from .status import deliver_to_worker
 

@@ -81,7 +81,7 @@ class AsgiAdapter(Adapter):
             stats.request_started(f"{what} {scope.get('path', '')}", key)
 
             async def send_closing(message):
-                if message["type"] == "http.response.start" and adapter.ctx.draining:
+                if message["type"] == "http.response.start" and (adapter.ctx.draining or adapter.ctx.lb_draining):
                     headers = list(message.get("headers") or [])
                     if not any(k.lower() == b"connection" for k, _ in headers):
                         message = dict(message, headers=headers + [close])

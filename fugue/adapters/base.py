@@ -18,6 +18,8 @@ What an adapter promises:
                     answered with `Connection: close`; run() returns when all is
                     done or at ctx.graceful_deadline.
     quick_stop()    close everything now; run() returns at once.
+- While `ctx.draining or ctx.lb_draining`, HTTP responses carry `Connection:
+  close` (lb_draining: drain_delay or `fuguectl drain`; the worker still accepts).
 - It counts through `ctx.stats`: connection_opened/closed, request_started/finished.
 
 Adapters import only this module (and their own server library).
@@ -88,6 +90,7 @@ class WorkerContext:
     tick_interval: float
     graceful_timeout: float
     draining: bool = False
+    lb_draining: bool = False  # the host drains for load balancers: keep serving, say Connection: close
     graceful_deadline: float = None  # monotonic time by which a drain must end
 
     def wake_fds(self):

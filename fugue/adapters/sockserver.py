@@ -103,7 +103,7 @@ class SocketServerAdapter(Adapter):
                     return ok
 
                 def end_headers(self):
-                    if adapter.ctx.draining and not self.close_connection:
+                    if (adapter.ctx.draining or adapter.ctx.lb_draining) and not self.close_connection:
                         self.send_header("Connection", "close")
                     super().end_headers()
         else:

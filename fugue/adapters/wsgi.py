@@ -110,7 +110,7 @@ class WsgiAdapter(Adapter):
                     adapter.ctx.stats.request_finished(key)
 
             def build_response_header(self):
-                if adapter.ctx.draining and not self.close_on_finish:
+                if (adapter.ctx.draining or adapter.ctx.lb_draining) and not self.close_on_finish:
                     self.set_close_on_finish()  # adds Connection: close
                 return super().build_response_header()
 

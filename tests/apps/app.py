@@ -25,6 +25,7 @@ except FileNotFoundError:
 
 VERSION = BEHAVIOUR.get("version", "v1")
 in_worker = fugue.worker_id() is not None
+fugue.set_version(VERSION)  # /healthz shows it (a no-op in the master)
 
 if in_worker and BEHAVIOUR.get("raise_at_import"):
     raise RuntimeError("broken at import on purpose")
