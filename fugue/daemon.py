@@ -24,23 +24,44 @@ LOG_FORMAT = "%(asctime)s [%(process)d] [master] %(levelname)s %(message)s"
 # -- pid file ------------------------------------------------------------------
 
 def read_pid(path):
-    """The pid in `path`, or None if there is none; FugueError for garbage or no access."""
+    """The pid in `path`, or None if there is none; FugueError for garbage or no access.
+
+    Never follows a symlink and never blocks on a planted FIFO; in a directory others
+    can write, a pid file that belongs to another user (not root) is refused: it could
+    name any process.
+    """
+    import stat as stat_
+
+    from .fds import shared_dir
+
     try:
-        st = os.lstat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
-    if os.path.islink(path):
-        raise FugueError(f"pid file {path} is a symlink; refusing to use it")
-    if not os.path.isfile(path):
-        raise FugueError(f"pid file {path} is not a regular file")
-    try:
-        with open(path, "rb") as f:
-            text = f.read(64).decode("ascii", errors="replace").strip()  # garbage may be binary
     except PermissionError:
         raise FugueError(f"pid file {path}: permission denied") from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise FugueError(f"pid file {path} is a symlink; refusing to use it") from None
         raise FugueError(f"pid file {path}: {e.strerror}") from None
-    del st
+    try:
+        st = os.fstat(fd)
+        if not stat_.S_ISREG(st.st_mode):
+            raise FugueError(f"pid file {path} is not a regular file")
+        if st.st_uid not in (0, os.geteuid()):
+            try:
+                others = shared_dir(os.stat(os.path.dirname(path) or "."))
+            except OSError:
+                others = True
+            if others:
+                raise FugueError(f"pid file {path} belongs to uid {st.st_uid} in a directory others "
+                                 "can write; refusing to use it")
+        try:
+            text = os.read(fd, 64).decode("ascii", errors="replace").strip()  # garbage may be binary
+        except OSError as e:
+            raise FugueError(f"pid file {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
     if not text.isascii() or not text.isdigit() or not 0 < int(text) <= 1 << 22:  # pid_max's ceiling
         raise FugueError(f"pid file {path} does not contain a pid ({text[:20]!r})")
     return int(text)
@@ -93,20 +114,38 @@ def check_pid_file(path):
 
 
 def write_pid(path, pid=None):
-    """Write the pid file atomically (write a temp file, rename it into place)."""
+    """Write the pid file atomically: a fresh temp file in its directory, renamed into place.
+
+    The temp name is random and created with O_EXCL|O_NOFOLLOW (mkstemp): a name another
+    user planted in a shared directory (a file, a link, a FIFO) is never opened, so the
+    pid file is always ours and writing it never blocks. The result is checked to be the
+    file we wrote, owned by us.
+    """
+    import tempfile
+
     pid = os.getpid() if pid is None else pid
-    tmp = f"{path}.{os.getpid()}.tmp"
+    parent, name = os.path.split(path)
+    tmp = None
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=parent or ".")
         with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o644)
             f.write(f"{pid}\n")
+            f.flush()
+            mine = os.fstat(fd)
         os.rename(tmp, path)
+        tmp = None
+        st = os.lstat(path)
+        if (st.st_ino, st.st_dev, st.st_uid) != (mine.st_ino, mine.st_dev, os.geteuid()):
+            raise FugueError(f"cannot write pid file {path}: it was replaced under us")
     except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise FugueError(f"cannot write pid file {path}: {e.strerror}") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def remove_pid(path, pid=None):
@@ -122,14 +161,16 @@ def remove_pid(path, pid=None):
 # -- logs ----------------------------------------------------------------------
 
 def open_log(path):
-    """An O_APPEND descriptor for a log file (created 0640), close-on-exec."""
-    parent = os.path.dirname(path) or "."
-    if not os.path.isdir(parent):
-        raise FugueError(f"log directory {parent} does not exist")
-    try:
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    except OSError as e:
-        raise FugueError(f"cannot open log file {path}: {e.strerror}") from None
+    """An O_APPEND descriptor for a log file (created 0640), close-on-exec.
+
+    The master may be root and the log's directory may be shared with the workers' user
+    (logrotate set-ups often are): a log that is a symlink, not a regular file, planted
+    by another user in a shared directory, or in a directory another user can write
+    without the sticky bit is refused (fds.open_safely), at start, USR1 and USR2 alike.
+    """
+    from .fds import open_safely
+
+    return open_safely(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640, what="log file")
 
 
 class Logs:
@@ -137,14 +178,18 @@ class Logs:
 
     Reopening (USR1) opens the files anew by name and dup2s them into place, so
     logrotate's rename-then-signal works; the workers get the new descriptor
-    over their channels.
+    over their channels. A refused reopen keeps every old descriptor and is counted
+    (log_trouble() says so until a reopen succeeds).
     """
+
+    refused = 0         # reopens refused since the last good one (class-wide: one per process)
+    refused_since = None
+    refused_reason = None
 
     def __init__(self, log_file, master_log_file):
         self.log_file = log_file
         self.master_log_file = master_log_file or log_file
         self.worker_fd = None
-        self._failed = False
 
     def open(self):
         """Open everything once, before daemonizing, so errors are shown to the user."""
@@ -153,11 +198,12 @@ class Logs:
         if self.master_log_file and self.master_log_file != self.log_file:
             os.close(open_log(self.master_log_file))
 
-    def redirect_master(self):
-        """Point the master's stdout and stderr at its log file."""
-        if not self.master_log_file:
-            return
-        fd = open_log(self.master_log_file)
+    def redirect_master(self, fd=None):
+        """Point the master's stdout and stderr at its log file (or at `fd`, which it closes)."""
+        if fd is None:
+            if not self.master_log_file:
+                return
+            fd = open_log(self.master_log_file)
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(fd, 1)
@@ -165,21 +211,33 @@ class Logs:
         os.close(fd)
 
     def reopen(self):
-        """USR1: reopen by name. Returns the new worker fd (or None); never raises."""
+        """USR1: reopen by name. Returns the new worker fd (or None); never raises.
+
+        Both files are opened before either is used, so a refusal changes nothing."""
+        opened = []
         try:
-            self.redirect_master()
+            if self.master_log_file:
+                opened.append(open_log(self.master_log_file))
             if self.log_file:
-                fd = open_log(self.log_file)
-                old, self.worker_fd = self.worker_fd, fd
-                if old is not None:
-                    os.close(old)
-            self._failed = False
-            return self.worker_fd
+                opened.append(open_log(self.log_file))
         except FugueError as e:
-            if not self._failed:  # say it once, not on every USR1
-                log.error("cannot reopen logs: %s; keeping the old files", e)
-            self._failed = True
+            for fd in opened:
+                os.close(fd)
+            cls = type(self)
+            if not cls.refused:
+                cls.refused_since = time.time()
+            cls.refused += 1
+            cls.refused_reason = str(e)
+            log.error("cannot reopen logs: %s; keeping the old files", e)
             return None
+        if self.master_log_file:
+            self.redirect_master(opened.pop(0))
+        if self.log_file:
+            old, self.worker_fd = self.worker_fd, opened.pop(0)
+            if old is not None:
+                os.close(old)
+        type(self).refused = 0
+        return self.worker_fd
 
     def preserve(self):
         return [self.worker_fd] if self.worker_fd is not None else []
@@ -239,11 +297,14 @@ class LogHandler(logging.Handler):
 
 
 def log_trouble():
-    """What the log handler of this process says is wrong with the log, or None."""
-    for handler in logging.getLogger("fugue").handlers:
-        if isinstance(handler, LogHandler):
-            return handler.trouble()
-    return None
+    """What is wrong with this process's logs (lines lost, reopens refused), or None."""
+    troubles = [handler.trouble() for handler in logging.getLogger("fugue").handlers
+                if isinstance(handler, LogHandler)]
+    if Logs.refused:
+        troubles.append(f"{Logs.refused} log reopen{'' if Logs.refused == 1 else 's'} refused since "
+                        f"{time.strftime('%H:%M:%S', time.localtime(Logs.refused_since))}: "
+                        f"{Logs.refused_reason}")
+    return "; ".join(t for t in troubles if t) or None
 
 
 def setup_logging(verbose):

@@ -350,3 +350,68 @@ def check_private_parent(parent):
                          "(use a directory of your own, or a sticky one like /tmp owned by root)")
     if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
         raise FugueError(f"tmp_path {parent} is world-writable without the sticky bit; refusing")
+
+
+def others_can_write(st):
+    """True if someone other than us and root may add, rename or remove entries of the
+    directory whose stat is `st`, and the sticky bit does not stop them (it keeps them
+    off entries they do not own)."""
+    if st.st_mode & stat.S_ISVTX:
+        return False
+    return (st.st_uid not in (0, os.geteuid())  # its owner can chmod it at will
+            or bool(st.st_mode & stat.S_IWOTH)
+            or bool(st.st_mode & stat.S_IWGRP and st.st_gid not in (0, os.getegid())))
+
+
+def shared_dir(st):
+    """True if others may write the directory at all (sticky or not): names in it may be
+    planted by another user, so nothing found there is trusted as ours."""
+    return (st.st_uid not in (0, os.geteuid()) or bool(st.st_mode & stat.S_IWOTH)
+            or bool(st.st_mode & stat.S_IWGRP and st.st_gid not in (0, os.getegid())))
+
+
+def open_safely(path, flags, mode=0o600, what="file"):
+    """Open `path` as a regular file without following a symlink, without blocking on a
+    planted FIFO, and only in a directory no other user can rearrange under us.
+
+    Returns a close-on-exec descriptor; FugueError (one line) otherwise. The directory is
+    opened first and the file relative to it, so the directory checked is the one used.
+    """
+    parent, name = os.path.split(path)
+    parent = parent or "."
+    try:
+        dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise FugueError(f"{what} directory {parent} does not exist") from None
+    except NotADirectoryError:
+        raise FugueError(f"{what} directory {parent} is not a directory") from None
+    except OSError as e:
+        raise FugueError(f"cannot open {what} {path}: {e.strerror}") from None
+    try:
+        if others_can_write(os.fstat(dfd)):
+            raise FugueError(f"{what} {path}: its directory is writable by another user without the "
+                             "sticky bit; refusing (they could swap the file for a link)")
+        try:
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=dfd)
+        except OSError as e:
+            try:  # O_CREAT on another user's link in a sticky directory fails EACCES, not ELOOP
+                link = stat.S_ISLNK(os.lstat(name, dir_fd=dfd).st_mode)
+            except OSError:
+                link = False
+            if e.errno == errno.ELOOP or link:
+                raise FugueError(f"{what} {path} is a symlink; refusing to follow it") from None
+            if e.errno == errno.ENXIO:  # a FIFO nobody reads
+                raise FugueError(f"{what} {path} is not a regular file; refusing") from None
+            raise FugueError(f"cannot open {what} {path}: {e.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise FugueError(f"{what} {path} is not a regular file; refusing")
+        if st.st_uid not in (0, os.geteuid()) and shared_dir(os.fstat(dfd)):
+            os.close(fd)  # planted in a shared (sticky) directory by its owner
+            raise FugueError(f"{what} {path} belongs to uid {st.st_uid} in a directory others can "
+                             "write; refusing")
+        os.set_blocking(fd, True)
+        return fd
+    finally:
+        os.close(dfd)

@@ -1,0 +1,128 @@
+"""Issue 12: no way in for another local user, no way down for a client, a scrape or a full table.
+
+Each test reproduces one attack or overload against a real master (tests/apps/fault_app.py)
+and checks what fugue does now. A hostile local user is `nobody`: a forked child of this
+test that dropped to uid 65534 (faultkit.as_nobody), or a target run with runuser and
+Debian's world-readable /usr/bin/python3 on a world-readable copy of the code.
+"""
+
+import json
+import os
+import re
+import signal
+import stat
+
+import pytest
+
+from conftest import APPS, http_get, wait_for
+from faultkit import as_nobody, status
+from test_hostile import fault_app, home  # noqa: F401 - home is a fixture
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody and plant files")
+
+
+def shared(home, name):
+    """A sticky world-writable directory like /tmp (or a logrotate-style shared log dir)."""
+    d = os.path.join(home, name)
+    os.mkdir(d)
+    os.chmod(d, 0o1777)
+    return d
+
+
+def read(path):
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+# -- 1. log files ------------------------------------------------------------------------------
+
+def test_log_file_symlink_planted_before_usr1_is_refused(fugue_proc, home):
+    logs = shared(home, "logs")
+    log_file = os.path.join(logs, "app.log")
+    victim = os.path.join(home, "cron-job")  # stands for a file under /etc/cron.d
+    with open(victim, "w") as f:
+        f.write("precious\n")
+    p = fault_app(fugue_proc, 1, cwd=home, log_file=log_file)
+    wait_for(lambda: os.path.exists(log_file) and "started: generation 1 serving" in read(log_file),
+             20, "the master to start, logging to its file")
+    # logrotate renames the log; before its postrotate USR1 the other user plants a link.
+    os.rename(log_file, log_file + ".1")
+    assert as_nobody(lambda: os.symlink(victim, log_file)) == {"ok": None}
+    p.signal(signal.SIGUSR1)
+    wait_for(lambda: re.search(r"cannot reopen logs: log file .*app.log is a symlink; refusing to follow "
+                               r"it; keeping the old files", read(log_file + ".1")), 15,
+             "the refusal")
+    assert read(victim) == "precious\n"
+    assert os.path.islink(log_file)
+    trouble = status(p)["master"]["log_trouble"]
+    assert re.match(r"1 log reopen refused since [\d:]+: log file .*app.log is a symlink", trouble), trouble
+    # Fixed by the operator: the next USR1 reopens and the trouble is gone.
+    os.unlink(log_file)
+    p.signal(signal.SIGUSR1)
+    wait_for(lambda: os.path.exists(log_file), 15, "the log to be reopened")
+    wait_for(lambda: status(p)["master"]["log_trouble"] is None, 15, "log_trouble to clear")
+    port = int(re.search(r"listening on [\d.]+:(\d+)", read(log_file + ".1")).group(1))
+    assert http_get(port)[1].startswith("hello from worker 1")
+
+
+def test_log_file_in_a_directory_another_user_can_rearrange_is_refused_at_start(fugue_proc, home):
+    logs = os.path.join(home, "logs")
+    os.mkdir(logs, 0o755)
+    os.chown(logs, 65534, 65534)  # owned by the workers' user, as in many logrotate set-ups
+    p = fault_app(fugue_proc, 1, cwd=home, log_file=os.path.join(logs, "app.log"))
+    assert p.wait_exit() != 0
+    out = p.log()
+    assert re.search(r"^fugue: log file .*app.log: its directory is writable by another user without the "
+                     r"sticky bit; refusing", out, re.M), out
+    assert "Traceback" not in out and os.listdir(logs) == [] and p.pids() == []
+    # A link planted at the name in a sticky shared directory: refused at start too.
+    logs = shared(home, "shared")
+    victim = os.path.join(home, "victim")
+    open(victim, "w").close()
+    as_nobody(lambda: os.symlink(victim, os.path.join(logs, "app.log")))
+    p = fault_app(fugue_proc, 1, cwd=home, log_file=os.path.join(logs, "app.log"))
+    assert p.wait_exit() != 0
+    assert re.search(r"^fugue: log file .*app.log is a symlink; refusing to follow it", p.log(), re.M), p.log()
+    assert os.path.getsize(victim) == 0
+
+
+# -- 3. pid file -------------------------------------------------------------------------------
+
+def test_pid_file_in_a_shared_directory_cannot_be_planted(fugue_proc, home):
+    run = shared(home, "run")
+    pid_file = os.path.join(run, "fugue.pid")
+    with open("/proc/sys/kernel/ns_last_pid") as f:
+        last = int(f.read())
+
+    def plant():  # the temp names an old master would use, for the next few hundred pids
+        for pid in range(last + 1, last + 400):
+            fd = os.open(f"{pid_file}.{pid}.tmp", os.O_CREAT | os.O_WRONLY, 0o666)
+            os.close(fd)
+        os.mkfifo(os.path.join(run, "fugue.pid.tmp"))
+        return True
+
+    assert as_nobody(plant) == {"ok": True}
+    p = fault_app(fugue_proc, 1, cwd=home, pid_file=pid_file).started()
+    st = os.lstat(pid_file)
+    assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o644
+    assert read(pid_file) == f"{p.popen.pid}\n"
+    assert not [n for n in os.listdir(run) if os.lstat(os.path.join(run, n)).st_uid == 0 and n != "fugue.pid"]
+    p.signal(signal.SIGTERM, p.popen.pid)
+    p.wait_exit()
+    assert not os.path.exists(pid_file)
+
+
+def test_pid_file_another_user_owns_in_a_shared_directory_is_refused(fugue_proc, home):
+    run = shared(home, "run")
+    pid_file = os.path.join(run, "fugue.pid")
+    as_nobody(lambda: open(pid_file, "w").write("1\n"))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(APPS.rstrip("/")).rsplit("/tests", 1)[0])
+    import subprocess
+
+    done = subprocess.run([__import__("sys").executable, "-m", "fugue.ctl", "stop", "--pid-file", pid_file],
+                          cwd=home, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0 and done.stderr.strip() == (
+        f"fugue: pid file {pid_file} belongs to uid 65534 in a directory others can write; refusing to use it")
+    p = fault_app(fugue_proc, 1, cwd=home, pid_file=pid_file)
+    assert p.wait_exit() != 0
+    assert re.search(r"^fugue: pid file .* belongs to uid 65534", p.log(), re.M), p.log()
