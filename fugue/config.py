@@ -45,6 +45,9 @@ OPTIONS = [
      "foreign workers: READY after stable_after seconds up, or on sd_notify READY=1"),
     ("stable_after", "float0", 1.0, "seconds a foreign worker must stay up to count as READY"),
     ("stop_signal", "str", "TERM", "signal sent to a foreign worker for a graceful stop"),
+    ("threads", "int+", None, "WSGI: threads per worker running the app (waitress's threads; default 4)"),
+    ("keep_alive", "float+", None, "WSGI/ASGI: seconds an idle keep-alive connection stays open "
+     "(waitress's channel_timeout, default 120; uvicorn's timeout_keep_alive, default 5)"),
     ("max_requests", "int0", 0, "recycle a worker after this many requests (0: never)"),
     ("max_requests_jitter", "int0", 0, "random extra 0..N requests, so workers do not recycle together"),
     ("max_memory", "int0", 0, "recycle a worker whose RSS exceeds this many bytes (0: never)"),

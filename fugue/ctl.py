@@ -2,6 +2,7 @@
 
     fuguectl start [OPTIONS] SCRIPT [ARGS...]     a script that calls fugue.start()
     fuguectl start [OPTIONS] --app MODULE:ATTR    a server object (or WSGI/ASGI app)
+    fuguectl start [OPTIONS] MODULE:ATTR          the same, as gunicorn spells it
     fuguectl start [OPTIONS] -- COMMAND [ARGS...] a foreign program fed through LISTEN_FDS
     fuguectl check [OPTIONS] [TARGET]             validate, start nothing
     fuguectl stop|reload|upgrade|scale|reopen-logs|status|pid|watch|drain|undrain
@@ -38,15 +39,33 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
 
-# Friendly flags besides the generated --option-name ones.
+# Friendly flags besides the generated --option-name ones; most are gunicorn's own
+# spelling of the same thing (README "Coming from gunicorn").
 ALIASES = {
     "workers": ["-w"],
-    "uid": ["--user"],
-    "gid": ["--group"],
+    "bind": ["-b"],
+    "timeout": ["-t"],
+    "pid_file": ["-p", "--pid"],
+    "uid": ["--user", "-u"],
+    "gid": ["--group", "-g"],
     "working_path": ["--chdir"],
+    "log_file": ["--error-logfile"],
     "verbose": ["-v"],
     "ready_mode": ["--ready"],
+    "watch": ["--reload"],
 }
+
+# gunicorn's worker classes (-k) that one of fugue's adapters replaces.
+WORKER_CLASSES = {
+    "sync": "wsgi",
+    "gthread": "wsgi",
+    "uvicorn.workers.UvicornWorker": "asgi",
+    "uvicorn.workers.UvicornH11Worker": "asgi",
+    "uvicorn_worker.UvicornWorker": "asgi",
+    "uvicorn_worker.UvicornH11Worker": "asgi",
+}
+# A positional MODULE:ATTR is an app, as in gunicorn (a script is a path, usually *.py).
+APP_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 NOT_FLAGS = ("command",)          # given as `fuguectl start -- COMMAND ARGS...`
 TARGET_KEYS = ("app", "script")   # config file keys that name what to run
 CONTROL_COMMANDS = ("stop", "reload", "upgrade", "scale", "reopen-logs", "status", "pid", "watch",
@@ -92,10 +111,22 @@ def add_option_flags(parser):
                                metavar=_metavar(kind), help=text if "repeat" in text else text + " (repeatable)")
         else:
             group.add_argument(*names, dest=name, default=None, metavar=_metavar(kind), help=text)
-    group.add_argument("--daemon", dest="daemonize", action="store_const", const=True,
+    group.add_argument("-D", "--daemon", dest="daemonize", action="store_const", const=True,
                        help="same as --daemonize")
     group.add_argument("--foreground", dest="daemonize", action="store_const", const=False,
                        help="stay in the foreground (as under systemd); same as --no-daemonize")
+    borrowed = parser.add_argument_group("gunicorn's and uvicorn's flags (see README, Coming from gunicorn)")
+    borrowed.add_argument("-k", "--worker-class", dest="worker_class", metavar="CLASS",
+                          help="gunicorn's worker class: sync or gthread (WSGI), uvicorn.workers.UvicornWorker "
+                               "(ASGI); same as --adapter wsgi|asgi")
+    borrowed.add_argument("-e", "--env", dest="env", action="append", metavar="KEY=VALUE",
+                          help="set an environment variable for the master and the workers (repeatable)")
+    borrowed.add_argument("--host", dest="uv_host", metavar="HOST",
+                          help="uvicorn's --host: with --port, one more --bind HOST:PORT (default 127.0.0.1)")
+    borrowed.add_argument("--port", dest="uv_port", metavar="PORT",
+                          help="uvicorn's --port: with --host, one more --bind HOST:PORT (default 8000)")
+    borrowed.add_argument("--uds", dest="uv_uds", metavar="PATH", help="uvicorn's --uds: same as --bind unix:PATH")
+    borrowed.add_argument("--fd", dest="uv_fd", metavar="N", help="uvicorn's --fd: same as --bind fd:N")
 
 
 def add_find_flags(parser):
@@ -122,8 +153,12 @@ def build_parser():
         p.add_argument("-c", "--config", metavar="FILE", help="TOML config file (see fugue(5))")
         p.add_argument("--app", metavar="MODULE:ATTR", help="serve this object (imported in each worker)")
         add_option_flags(p)
-        p.add_argument("target", nargs="?", metavar="SCRIPT", help="a script that calls fugue.start()")
-        p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's arguments")
+        p.add_argument("target", nargs="?", metavar="SCRIPT|MODULE:ATTR",
+                       help="a script that calls fugue.start(), or an app to serve (as --app)")
+        p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
+                       help="the script's arguments (after MODULE:ATTR: more options)")
+        parser.fugue_start_parsers = getattr(parser, "fugue_start_parsers", {})
+        parser.fugue_start_parsers[name] = p
 
     def control(name, text):
         p = sub.add_parser(name, help=text, description=text)
@@ -163,6 +198,8 @@ def main(argv=None):
         argv, tail = argv[:i], argv[i + 1:]
     try:
         args = parser.parse_args(argv)
+        if args.command in ("start", "check") and args.args and is_app_spec(args.target):
+            _parse_options_after_app(parser.fugue_start_parsers[args.command], args)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     if not args.command:
@@ -184,6 +221,24 @@ def main(argv=None):
         except OSError:
             pass
         return EXIT_FAILED
+
+
+def is_app_spec(target):
+    """True for a positional MODULE:ATTR (gunicorn's APP_MODULE) that is not a file."""
+    return bool(target and APP_SPEC.fullmatch(target) and not os.path.exists(target))
+
+
+def _parse_options_after_app(sub, args):
+    """gunicorn takes options after the app (`myproj.wsgi:application -w 4`): parse them too."""
+    more = sub.parse_args(args.args)
+    if more.target:
+        sub.error(f"one app only: {args.target} and {more.target}")
+    for key, value in vars(more).items():
+        if key in ("target", "args") or value is None:
+            continue
+        old = getattr(args, key, None)
+        setattr(args, key, old + value if isinstance(old, list) and isinstance(value, list) else value)
+    args.args = []
 
 
 def _say(text):
@@ -269,7 +324,11 @@ def _target_value(shown, key, value, base):
 
 def gather_options(args):
     """(options, target from the file): the config file under the flags."""
+    if args.config and args.config.endswith(".py"):
+        raise ConfigError(f"-c {args.config}: fugue's config file is TOML (see fugue(5)), not a gunicorn.conf.py; "
+                          "write its settings as TOML keys (bind = [\"127.0.0.1:8000\"], workers = 4) or flags")
     file_options, file_target = load_config_file(args.config) if args.config else ({}, {})
+    borrowed_flags(args)
     flag_options = {}
     for name in config.NAMES:
         value = getattr(args, name, None)
@@ -282,8 +341,48 @@ def gather_options(args):
     return config.merge(file_options, flag_options), file_target
 
 
+def borrowed_flags(args):
+    """gunicorn's -k and uvicorn's --host/--port/--uds/--fd, turned into fugue's options on `args`."""
+    if args.worker_class is not None:
+        adapter = WORKER_CLASSES.get(args.worker_class)
+        if adapter is None:
+            raise ConfigError(f"-k {args.worker_class}: no fugue adapter replaces this worker class; "
+                              f"choose one of {', '.join(WORKER_CLASSES)} (or --adapter)")
+        if args.adapter not in (None, adapter):
+            raise ConfigError(f"-k {args.worker_class} means --adapter {adapter}, not --adapter {args.adapter}")
+        args.adapter = adapter
+    binds = []
+    if args.uv_host is not None or args.uv_port is not None:
+        host = args.uv_host if args.uv_host is not None else "127.0.0.1"
+        binds.append(f"[{host}]:{args.uv_port or 8000}" if ":" in host else f"{host}:{args.uv_port or 8000}")
+    if args.uv_uds is not None:
+        binds.append(f"unix:{args.uv_uds}")
+    if args.uv_fd is not None:
+        binds.append(f"fd:{args.uv_fd}")
+    if binds:
+        args.bind = (args.bind or []) + binds
+
+
+def environment(args):
+    """-e KEY=VALUE pairs, checked: {key: value}."""
+    out = {}
+    for item in args.env or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key or not key.replace("_", "a").isalnum() or key[0].isdigit() or "\0" in value:
+            raise ConfigError(f"-e {item!r}: expected KEY=VALUE (KEY: letters, digits and _)")
+        out[key] = value
+    return out
+
+
 def choose_target(args, tail, file_target):
     """The worker target from the command line, else from the config file."""
+    if args.target and re.fullmatch(r"[\w.]+:[\w.]+\(.*\)", args.target):
+        raise ConfigError(f"{args.target}: fugue does not call app factories; name the app object "
+                          "(app = create_app() in a module, then MODULE:app)")
+    if is_app_spec(args.target) and tail is None:
+        if args.app:
+            raise ConfigError(f"give {args.target} or --app {args.app}, not both")
+        return {"app": args.target}
     if args.target and args.app:
         raise ConfigError("give a script or --app, not both")
     if tail is not None and not args.target:
@@ -347,8 +446,12 @@ def _start_or_check(args, tail):
     options, file_target = gather_options(args)
     target = choose_target(args, tail, file_target) if (
         args.command == "start" or args.target or args.app or tail is not None or file_target) else None
+    env = environment(args)
     if args.command == "check":
         return check(args, options, target)
+    if not args.config and os.path.exists(os.path.join(config.start_directory(), "gunicorn.conf.py")):
+        _say("fugue: note: gunicorn.conf.py is not read here; fugue's config file is TOML, given with -c")
+    os.environ.update(env)  # before the master starts: the workers and an upgraded master inherit it
     if "script" in target:
         return run_script(target["script"], options)
     cfg = config.build(options)

@@ -134,6 +134,8 @@ class AsgiAdapter(Adapter):
 
         kw = dict(DEFAULTS)
         kw.update(getattr(self.target, "asgi_options", None) or {})
+        if self.options.get("keep_alive"):  # the operator's --keep-alive wins over the app's own
+            kw["timeout_keep_alive"] = float(self.options["keep_alive"])
         kw["http"] = self._protocol_class()
         kw.setdefault("timeout_graceful_shutdown", self.ctx.graceful_timeout)
         if self.options.get("backlog"):

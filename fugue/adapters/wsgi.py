@@ -135,6 +135,11 @@ class WsgiAdapter(Adapter):
         self.ctx = ctx
         kw = dict(DEFAULTS)
         kw.update(getattr(self.app, "wsgi_options", None) or {})
+        # The operator's options (--threads, --keep-alive) win over the app's own.
+        if self.options.get("threads"):
+            kw["threads"] = int(self.options["threads"])
+        if self.options.get("keep_alive"):
+            kw["channel_timeout"] = max(1, round(float(self.options["keep_alive"])))  # whole seconds
         if self.options.get("backlog"):
             kw.setdefault("backlog", int(self.options["backlog"]))
         channel = self._classes()
