@@ -19,7 +19,7 @@ import time
 import traceback
 
 from . import protocol
-from .adapters.base import Stats, WorkerContext
+from .adapters.base import Stats, WorkerContext, describe_exception  # noqa: F401 - ctl imports it here
 from .fds import recv_with_fds
 from .workers import ENV_CHANNEL, ENV_TARGET
 
@@ -27,6 +27,8 @@ log = logging.getLogger("fugue")
 
 # Options the worker takes from the app's own fugue.start call (the new code), not the master.
 APP_OWNED = ("wait_ready", "startup_check", "adapter")
+# Adapters that run the `warmup` requests (an http.server handler under socketserver/handler).
+HTTP_KINDS = ("wsgi", "asgi", "socketserver", "handler")
 
 # The one runtime of this process, or None in the master and outside fugue.
 current = None
@@ -278,21 +280,6 @@ class Runtime(WorkerContext):
         raise WorkerExit(1)
 
 
-def describe_exception(exc):
-    """One line: 'SyntaxError: invalid syntax (app.py, line 12)'."""
-    if isinstance(exc, SyntaxError):
-        where = f" ({os.path.basename(exc.filename or '?')}, line {exc.lineno})"
-        return f"{type(exc).__name__}: {exc.msg}{where}"
-    tb = traceback.extract_tb(exc.__traceback__)
-    where = ""
-    for frame in reversed(tb):
-        if "/fugue/" not in frame.filename and "runpy" not in frame.filename and "importlib" not in frame.filename:
-            where = f" ({os.path.basename(frame.filename)}, line {frame.lineno})"
-            break
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}{where}" if text else f"{type(exc).__name__}{where}"
-
-
 def _setup_logging(worker_id, verbose):
     from .daemon import LogHandler  # a full disk costs log lines, said once; never the worker
 
@@ -339,6 +326,8 @@ def serve(target, local_options=None):
     except Exception as e:  # noqa: BLE001
         rt.fail(str(e))
     rt.adapter = adapter
+    if opts.get("warmup") and adapter.kind not in HTTP_KINDS:
+        log.warning("warmup skipped: the %s adapter does not speak HTTP", adapter.kind)
     adapter.run(rt)
     raise WorkerExit(0)
 

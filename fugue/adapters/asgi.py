@@ -6,9 +6,10 @@ Runtime owns SIGTERM/SIGINT, and its wake fds are readers of the loop (see
 _util.WorkerBridge), so STOP from the master and signals arrive as begin_drain /
 quick_stop on the loop thread. The heartbeat is a task of the same loop.
 
-READY is sent when uvicorn's startup (lifespan startup included) is complete
-and its servers listen. A lifespan startup failure ends the worker before
-READY, which fails a reload (rollback).
+READY is sent when uvicorn's startup (lifespan startup included) is complete,
+the `warmup` requests passed and its servers listen. A lifespan startup or
+warmup failure ends the worker before READY with the exception in the reason,
+which fails a reload (rollback).
 
 Draining, fugue's policy rather than uvicorn's: uvicorn's own shutdown closes
 idle keep-alive connections at once, which races a client reusing one. So a
@@ -27,6 +28,7 @@ import importlib.util
 import logging
 import time
 
+from . import _warmup
 from ._util import WorkerBridge, is_async, positional_params
 from .base import Adapter
 
@@ -43,6 +45,10 @@ log = logging.getLogger("fugue")
 # `asgi_options` (an attribute on the app object).
 DEFAULTS = {"lifespan": "auto", "access_log": False, "log_config": None, "log_level": "warning",
             "server_header": False}
+
+
+async def _nothing():
+    pass
 
 
 def is_asgi3(target):
@@ -67,6 +73,7 @@ class AsgiAdapter(Adapter):
         self.loop = None
         self._counted = {}       # protocol -> transport, for the connection count
         self._drained = False
+        self.failure = None      # why this worker cannot serve (lifespan startup, warmup)
 
     def _wrap_app(self):
         adapter, app = self, self.target
@@ -128,6 +135,24 @@ class AsgiAdapter(Adapter):
                 pass
 
             async def startup(self, sockets=None):
+                # Lifespan startup, then warmup, and only then listen (uvicorn's startup does
+                # both lifespan and listening: its lifespan step is made a no-op the second time).
+                with _warmup.logged_errors() as logged:
+                    try:
+                        await self.lifespan.startup()
+                    except SystemExit:
+                        pass
+                if self.lifespan.should_exit:
+                    adapter.failure = f"ASGI lifespan startup failed: {logged.describe() or 'see the log'}"
+                    self.should_exit = True
+                    return
+                state = getattr(self.lifespan, "state", None)
+                adapter.failure = await adapter._warm(state)
+                if adapter.failure:
+                    await self.lifespan.shutdown()
+                    self.should_exit = True
+                    return
+                self.lifespan.startup = _nothing
                 await super().startup(sockets=sockets)
                 if self.started and not self.should_exit:
                     adapter._started()
@@ -151,6 +176,16 @@ class AsgiAdapter(Adapter):
         factory = getattr(self.server.config, "get_loop_factory", None)
         with asyncio.Runner(loop_factory=factory() if factory else None) as runner:
             runner.run(self._main())
+        if self.failure:
+            ctx.fail(self.failure)
+
+    async def _warm(self, state):
+        paths, host = _warmup.plan(self.ctx)
+        for path in paths:
+            reason = await _warmup.call_asgi(self.target, path, host, state)
+            if reason:
+                return reason
+        return None
 
     async def _main(self):
         self.loop = asyncio.get_running_loop()

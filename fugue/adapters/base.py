@@ -21,12 +21,17 @@ What an adapter promises:
 - While `ctx.draining or ctx.lb_draining`, HTTP responses carry `Connection:
   close` (lb_draining: drain_delay or `fuguectl drain`; the worker still accepts).
 - It counts through `ctx.stats`: connection_opened/closed, request_started/finished.
+- An HTTP adapter (WSGI, ASGI, http.server) calls its own app once per `warmup`
+  path (`_warmup.py`) after loading it and before `ctx.serving()`; a failure is
+  `ctx.fail(reason)`, which fails the worker and so the rollout.
 
 Adapters import only this module (and their own server library).
 """
 
+import os
 import threading
 import time
+import traceback
 
 
 class Stats:
@@ -108,6 +113,10 @@ class WorkerContext:
     def log(self, message):
         raise NotImplementedError
 
+    def fail(self, reason):
+        """The worker cannot serve (before READY): tell the master `reason` (one line) and exit 1."""
+        raise NotImplementedError
+
 
 class Adapter:
     """Base of every kind of server; subclasses override run() and the stop hooks."""
@@ -131,3 +140,18 @@ class Adapter:
 
     def quick_stop(self):
         raise NotImplementedError
+
+
+def describe_exception(exc):
+    """One line: 'SyntaxError: invalid syntax (app.py, line 12)'."""
+    if isinstance(exc, SyntaxError):
+        where = f" ({os.path.basename(exc.filename or '?')}, line {exc.lineno})"
+        return f"{type(exc).__name__}: {exc.msg}{where}"
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = ""
+    for frame in reversed(tb):
+        if "/fugue/" not in frame.filename and "runpy" not in frame.filename and "importlib" not in frame.filename:
+            where = f" ({os.path.basename(frame.filename)}, line {frame.lineno})"
+            break
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}{where}" if text else f"{type(exc).__name__}{where}"

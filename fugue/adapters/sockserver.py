@@ -19,6 +19,7 @@ import socketserver
 import threading
 import time
 
+from . import _warmup
 from .base import Adapter
 
 
@@ -142,6 +143,10 @@ class SocketServerAdapter(Adapter):
             if hasattr(server, "server_name") and isinstance(server.server_address, tuple):
                 host, port = server.server_address[:2]
                 server.server_name, server.server_port = host, port
+        if issubclass(server.RequestHandlerClass, http.server.BaseHTTPRequestHandler):
+            reason = _warmup.first_failure(ctx, lambda path, host: _warmup.call_socketserver(server, path, host))
+            if reason:
+                ctx.fail(reason)
         self._wrap_handler()
         sel = self._sel = selectors.DefaultSelector()
         for sock in ctx.listeners:

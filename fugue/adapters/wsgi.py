@@ -20,6 +20,7 @@ import logging
 import select
 import time
 
+from . import _warmup
 from ._util import at_eof, is_async, positional_params
 from .base import Adapter
 
@@ -133,6 +134,9 @@ class WsgiAdapter(Adapter):
 
     def run(self, ctx):
         self.ctx = ctx
+        reason = _warmup.first_failure(ctx, lambda path, host: _warmup.call_wsgi(self.app, path, host))
+        if reason:
+            ctx.fail(reason)
         kw = dict(DEFAULTS)
         kw.update(getattr(self.app, "wsgi_options", None) or {})
         # The operator's options (--threads, --keep-alive) win over the app's own.
