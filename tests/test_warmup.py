@@ -69,6 +69,7 @@ def test_django_syntax_error_in_views_is_rolled_back_with_the_reason(fugue_proc,
     line = p.wait_log(r"reload failed: .*; generation 1 keeps serving").group(0)
     assert re.search(r"warmup GET / answered 500: SyntaxError: .* \(views\.py, line 9\)", line), line
     assert all(p.body().startswith("django version 1") for _ in range(6))
+    p.wait_log(r"(?m)\] (INFO|ERROR) worker \d \(pid \d+, generation 2\) (killed|stopped|exited)", count=2)
     # Fixed, the next reload goes through.
     views.write_text(views.read_text().replace("\ndef broken(:\n    pass\n", ""))
     p.signal(signal.SIGHUP)
@@ -176,6 +177,7 @@ def test_warmup_fails_the_reload_with_the_reason(fugue_proc, workdir, kind, sour
     line = p.wait_log(r"reload failed: .*; generation 1 keeps serving").group(0)
     assert re.search(reason, line), line
     assert p.body().startswith("ok ")
+    p.wait_log(r"(?m)\] (INFO|ERROR) worker \d \(pid \d+, generation 2\) (killed|stopped|exited)", count=2)
     (workdir / flag).unlink()
     p.signal(signal.SIGHUP)
     p.wait_log(r"reload done: generation 3 serving")
