@@ -21,8 +21,8 @@ OPTIONS = [
     ("bind", "list", [], "listeners: HOST:PORT, [V6]:PORT, :PORT, unix:PATH, fd:N (repeatable)"),
     ("backlog", "int+", 2048, "listen(2) backlog of sockets fugue binds"),
     ("working_path", "path", None, "directory the workers chdir to (default: the start directory)"),
-    ("tmp_path", "path", None, "directory for the private run directory (default: ./tmp)"),
-    ("pid_file", "path", None, "pid file of the master (default: fugue.pid in the start directory)"),
+    ("tmp_path", "path", None, "directory for the private run directory (default: tmp beside the -c file, else ./tmp)"),
+    ("pid_file", "path", None, "pid file of the master (default: fugue.pid beside the -c file, else in the start directory)"),
     ("log_file", "path", None, "log file for the master and the workers"),
     ("master_log_file", "path", None, "log file for the master alone"),
     ("uid", "id", None, "user the workers run as (name or number)"),
@@ -223,6 +223,22 @@ def start_directory():
         except OSError:
             pass
     return cwd
+
+
+# tmp_path values that are a default (`tmp` in the start directory, or in the directory of
+# the config file given with -c): a missing one is created (0700) at start, as the original
+# fugue's ./tmp; a tmp_path the user named must exist. fuguectl adds the file's default here.
+DEFAULT_TMP_PATHS = {"tmp"}
+
+
+def file_defaults(directory):
+    """The defaults of pid_file and tmp_path for a config file in `directory`: beside it.
+
+    So `fuguectl status -c /etc/fugue/hello.toml` finds the master from any directory, and
+    a unit needs the paths once, in the file."""
+    tmp = os.path.join(directory, "tmp")
+    DEFAULT_TMP_PATHS.add(tmp)
+    return {"pid_file": os.path.join(directory, "fugue.pid"), "tmp_path": tmp}
 
 
 def build(options=None, start_dir=None, source="option"):

@@ -132,9 +132,10 @@ def add_option_flags(parser):
 def add_find_flags(parser):
     parser.add_argument("-c", "--config", metavar="FILE", help="TOML config file (see fugue(5))")
     parser.add_argument("--pid-file", dest="pid_file", metavar="PATH",
-                        help="pid file of the master (default: from -c, else fugue.pid)")
+                        help="pid file of the master (default: from -c or beside its file, else fugue.pid)")
     parser.add_argument("--tmp-path", dest="tmp_path", metavar="PATH",
-                        help="tmp_path of the master, where its control socket lives (default: from -c, else ./tmp)")
+                        help="tmp_path of the master, where its control socket lives "
+                             "(default: from -c or beside its file, else ./tmp)")
     parser.add_argument("--wait", type=float, metavar="SECONDS", default=None,
                         help="give up after this long (default: 10s; for stop, reload and upgrade: "
                              "until the master has an outcome)")
@@ -278,7 +279,8 @@ def check_value(name, value, where):
 
 
 def load_config_file(path, only=None):
-    """(options, target) from a TOML file; relative paths in it are relative to its directory.
+    """(options, target) from a TOML file; relative paths in it are relative to its directory,
+    and so are the defaults of pid_file and tmp_path (config.file_defaults).
 
     `only`: check and return just these keys (the control commands need the pid
     file and tmp_path: a config being edited must not stop `fuguectl stop`)."""
@@ -303,6 +305,11 @@ def load_config_file(path, only=None):
         elif key == "bind":  # unix:PATH too
             value = [f"unix:{os.path.join(base, v[5:])}" if v.startswith("unix:") else v for v in value]
         options[key] = value
+    from .apps import is_routed
+
+    for key, value in ({} if is_routed(data) else config.file_defaults(base)).items():
+        if key not in options and (only is None or key in only):
+            options[key] = value
     if len(target) > 1 or (target and options.get("command")):
         raise ConfigError(f"{shown}: give one of app, script or command, not several")
     if options.get("command"):
@@ -579,7 +586,8 @@ def check(args, options, target):
     if not os.path.isdir(wd):
         raise FugueError(f"working_path {wd} does not exist or is not a directory")
     tmp = cfg.path("tmp_path")
-    if not os.path.isdir(tmp) and not (cfg.tmp_path == "tmp" and os.path.isdir(os.path.dirname(tmp))):
+    if not os.path.isdir(tmp) and not (cfg.tmp_path in config.DEFAULT_TMP_PATHS
+                                       and os.path.isdir(os.path.dirname(tmp))):
         raise FugueError(f"tmp_path {tmp} does not exist or is not a directory")
     for name in ("pid_file", "log_file", "master_log_file"):
         path = cfg.path(name)

@@ -10,6 +10,7 @@ import os
 import sys
 
 from . import notify
+from .config import DEFAULT_TMP_PATHS
 from .daemon import Logs, check_pid_file, daemonize, setup_logging, tell_launcher
 from .errors import FugueError
 from .fds import close_listeners, open_listeners, systemd_listeners
@@ -23,7 +24,7 @@ def check_paths(cfg):
     if not os.path.isdir(working):
         raise FugueError(f"working_path {working} does not exist or is not a directory")
     tmp = cfg.path("tmp_path")
-    if cfg.tmp_path == "tmp" and not os.path.lexists(tmp):
+    if cfg.tmp_path in DEFAULT_TMP_PATHS and not os.path.lexists(tmp):
         try:
             os.mkdir(tmp, 0o700)  # the default, as the original fugue: ./tmp
         except OSError as e:

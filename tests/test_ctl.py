@@ -182,11 +182,30 @@ def test_config_file_wins_over_the_script_and_flags_over_the_file(fugue_proc, wo
     p = fugue_proc(["fuguectl", "start", "-c", "conf/fugue.toml", "-w", "1", "--name", "fromflag",
                     "--pid-file", "flag.pid", "app.py"]).started()
     assert p.master_pid("flag.pid") == p.popen.pid
-    data = status_json(workdir, "--pid-file", "flag.pid")
+    # tmp_path is the file's (conf/tmp), the pid file the flag's
+    data = status_json(workdir, "-c", "conf/fugue.toml", "--pid-file", "flag.pid")
     assert data["master"]["workers_wanted"] == 1
     assert data["master"]["name"] == "fromflag"
-    rc, _, err = run_ctl(["stop", "--pid-file", "flag.pid"], workdir)
+    rc, _, err = run_ctl(["stop", "-c", "conf/fugue.toml", "--pid-file", "flag.pid"], workdir)
     assert rc == 0, err
+
+
+def test_c_file_puts_the_default_pid_file_and_tmp_path_beside_it(fugue_proc, workdir, tmp_path):
+    """-c FILE: the default pid file and tmp_path are in FILE's directory, so every control
+    command finds the master from anywhere with -c alone (and a unit names them once, in the file)."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "hello.toml").write_text(f'script = "{workdir}/app.py"\nbind = ["127.0.0.1:0"]\nworkers = 1\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    p = fugue_proc(["fuguectl", "start", "--foreground", "-c", str(etc / "hello.toml")], cwd=elsewhere).started()
+    assert int((etc / "fugue.pid").read_text()) == p.popen.pid
+    assert (etc / "tmp").is_dir() and not (elsewhere / "fugue.pid").exists() and not (elsewhere / "tmp").exists()
+    data = status_json(tmp_path, "-c", str(etc / "hello.toml"))  # a third directory
+    assert data["master"]["pid"] == p.popen.pid
+    rc, out, err = run_ctl(["stop", "-c", "etc/hello.toml"], tmp_path)  # relative to the cwd, as given
+    assert rc == 0, err
+    assert p.wait_exit() == 0
 
 
 def test_app_target_and_daemon_from_a_config_file(fugue_proc, workdir):
