@@ -328,7 +328,12 @@ def serve(target, local_options=None):
     rt.adapter = adapter
     if opts.get("warmup") and adapter.kind not in HTTP_KINDS:
         log.warning("warmup skipped: the %s adapter does not speak HTTP", adapter.kind)
-    adapter.run(rt)
+    try:
+        adapter.run(rt)
+    except Exception as e:  # noqa: BLE001 - the server library failed: the master's line says why
+        log.exception("the %s adapter failed", adapter.kind)
+        rt._send(protocol.FAILED, reason=f"the {adapter.kind} adapter failed: {describe_exception(e)}")
+        raise WorkerExit(1) from None
     raise WorkerExit(0)
 
 

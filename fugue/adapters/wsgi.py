@@ -6,7 +6,9 @@ did not bind (`create_server(app, sockets=[...])`). Its I/O loop (wasyncore) is
 a plain socket map that we poll ourselves, so the worker keeps one wait point:
 fugue's wake fds sit in the same map as the listeners and connections, and the
 heartbeat comes from the loop that accepts. Application code runs in waitress's
-task threads, as it does under `waitress-serve`.
+task threads, as it does under `waitress-serve`. waitress will not mix Internet
+and Unix listeners in one server, so there is one server per family in the
+same map, sharing one pool of task threads.
 
 Draining: the listeners leave the map and are closed at once; requests in
 flight finish; every response started while draining carries `Connection:
@@ -18,6 +20,7 @@ graceful deadline what is left is closed.
 
 import logging
 import select
+import socket
 import time
 
 from . import _warmup
@@ -147,8 +150,18 @@ class WsgiAdapter(Adapter):
         if self.options.get("backlog"):
             kw.setdefault("backlog", int(self.options["backlog"]))
         channel = self._classes()
-        server = waitress.create_server(self.app, map=self.map, sockets=list(ctx.listeners), **kw)
-        self.dispatcher = server.task_dispatcher
+        # waitress refuses Internet and Unix sockets in one server ("may not be mixed"): one
+        # server per family, all in the one socket map and sharing one task dispatcher (one pool
+        # of `threads`), so a TCP and a Unix listener serve the same app in every worker.
+        self.dispatcher = None
+        for family in (False, True):
+            group = [sock for sock in ctx.listeners if (sock.family == socket.AF_UNIX) == family]
+            if group:
+                server = waitress.create_server(self.app, map=self.map, sockets=group,
+                                                _dispatcher=self.dispatcher, **kw)
+                self.dispatcher = server.task_dispatcher
+        if self.dispatcher is None:  # waitress would bind 0.0.0.0:8080 on its own
+            raise RuntimeError("no listeners to serve on")
         self.servers = [obj for obj in self.map.values() if isinstance(obj, BaseWSGIServer)]
         for srv in self.servers:
             srv.channel_class = channel
