@@ -13,7 +13,11 @@ attributed. The socket is in the abstract namespace ("@fugue-..."), which
 sd_notify implementations accept, because a path in the master's 0700 run
 directory would be out of reach of workers that run as another user; instead
 the kernel's SCM_CREDENTIALS on every datagram (SO_PASSCRED) must name the
-workers' uid or root, and anything else is dropped.
+workers' uid or root, and the sender's pid must be the worker's own or one of its
+descendants (systemd's NotifyAccess=main|all): anyone can read the abstract name
+from /proc/net/unix, and a forged READY=1 would declare serving a generation that
+never listened. A sender that has exited before the master reads its datagram
+cannot be placed and is dropped too: notify from the worker itself (or `exec`).
 """
 
 import os
@@ -43,11 +47,12 @@ class NotifySocket:
     def fileno(self):
         return self.sock.fileno()
 
-    def read(self):
+    def read(self, main_pid):
         """[(fields dict, sender pid)] of the datagrams waiting; others' are dropped.
 
         Returns (messages, dropped) where dropped counts datagrams from a uid
-        that may not speak for this worker.
+        that may not speak for this worker, or from a process that is neither
+        `main_pid` (the worker) nor one of its descendants.
         """
         messages, dropped = [], 0
         while True:
@@ -61,7 +66,7 @@ class NotifySocket:
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= _UCRED.size:
                     creds = _UCRED.unpack(payload[:_UCRED.size])
-            if creds is None or creds[1] not in self.allowed:
+            if creds is None or creds[1] not in self.allowed or not descends_from(creds[0], main_pid):
                 dropped += 1
                 continue
             messages.append((parse(data), creds[0]))
@@ -69,6 +74,21 @@ class NotifySocket:
 
     def close(self):
         self.sock.close()
+
+
+def descends_from(pid, ancestor):
+    """True if `pid` is `ancestor` or, through its parents in /proc, a descendant of it."""
+    for _ in range(256):  # deeper than any real tree; a loop here would be a kernel bug
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                pid = int(f.read().rpartition(b")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
 
 
 def parse(data):

@@ -379,9 +379,9 @@ class Master:
 
     def on_notify(self, w):
         """sd_notify datagrams from a foreign worker (ready_mode=notify)."""
-        messages, dropped = w.notify.read()
+        messages, dropped = w.notify.read(w.pid)
         if dropped:
-            log.warning("%s: dropped %d notify message(s) from another user", w, dropped)
+            log.warning("%s: dropped %d notify message(s) not from the worker or its children", w, dropped)
         for fields, pid in messages:
             if "STATUS" in fields:
                 w.stats["status"] = fields["STATUS"][:200]

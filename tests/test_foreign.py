@@ -62,13 +62,13 @@ def test_notify_socket_checks_the_senders_uid():
             s.connect("\0" + ns.address[1:])
             s.send(b"READY=1\nSTATUS=up")
         wait_for(lambda: select.select([ns], [], [], 0)[0], what="the datagram")
-        assert ns.read() == ([({"READY": "1", "STATUS": "up"}, os.getpid())], 0)
+        assert ns.read(os.getpid()) == ([({"READY": "1", "STATUS": "up"}, os.getpid())], 0)
         ns.allowed = {12345}
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.connect("\0" + ns.address[1:])
             s.send(b"READY=1")
         wait_for(lambda: select.select([ns], [], [], 0)[0], what="the datagram")
-        assert ns.read() == ([], 1)
+        assert ns.read(os.getpid()) == ([], 1)
     finally:
         ns.close()
 

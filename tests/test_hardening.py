@@ -10,7 +10,11 @@ import json
 import os
 import re
 import signal
+import select
+import socket
 import stat
+import sys
+import time
 
 import pytest
 
@@ -126,3 +130,53 @@ def test_pid_file_another_user_owns_in_a_shared_directory_is_refused(fugue_proc,
     p = fault_app(fugue_proc, 1, cwd=home, pid_file=pid_file)
     assert p.wait_exit() != 0
     assert re.search(r"^fugue: pid file .* belongs to uid 65534", p.log(), re.M), p.log()
+
+
+# -- 4. forged readiness for foreign workers --------------------------------------------------
+
+def notify_names(master_pid):
+    """The abstract NOTIFY_SOCKET names of a master, as anyone can read them."""
+    with open("/proc/net/unix") as f:
+        return sorted({line.split()[-1] for line in f if f"@fugue-{master_pid}-" in line})
+
+
+def sd_notify(name, text):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect("\0" + name[1:])
+        s.send(text)
+
+
+def test_notify_ready_is_taken_only_from_the_worker_and_its_children(fugue_proc, workdir):
+    # The worker never listens and never says READY=1; a bystander of an allowed uid says it.
+    (workdir / "mute.py").write_text("import time\ntime.sleep(1e6)\n")
+    p = fugue_proc(["fuguectl", "start", "--bind", "127.0.0.1:0", "--workers", "1", "--ready-mode", "notify",
+                    "--ready-timeout", "60", "--", sys.executable, "mute.py"])
+    name, = wait_for(lambda: notify_names(p.popen.pid), 20, "the worker's notify socket")
+    sd_notify(name, b"READY=1")
+    p.wait_log(r"worker 1 \(pid \d+, generation 1\): dropped 1 notify message\(s\) not from the worker")
+    assert "started" not in p.log() and " ready" not in p.log()
+    p.signal(signal.SIGINT, p.popen.pid)
+    p.wait_exit()
+
+
+def test_notify_socket_places_the_sender_in_the_workers_tree():
+    from fugue import foreign
+
+    ns = foreign.NotifySocket(1, 1, {os.getuid()})
+    try:
+        pid = os.fork()
+        if pid == 0:  # a descendant of this process (the "worker") speaks for it
+            try:
+                sd_notify(ns.address, b"READY=1")
+                time.sleep(30)  # stay alive until read: a sender gone cannot be placed
+            finally:
+                os._exit(0)
+        wait_for(lambda: select.select([ns], [], [], 0)[0], what="the datagram")
+        assert ns.read(os.getpid()) == ([({"READY": "1"}, pid)], 0)
+        sd_notify(ns.address, b"READY=1")  # the parent is not a descendant of the child
+        wait_for(lambda: select.select([ns], [], [], 0)[0], what="the datagram")
+        assert ns.read(pid) == ([], 1)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    finally:
+        ns.close()
