@@ -60,6 +60,8 @@ OPTIONS = [
     ("status_bind", "str", None, "HOST:PORT of a management HTTP listener (JSON, Prometheus, /healthz, /livez)"),
     ("drain_delay", "float0", 0.0, "seconds of 503 on /healthz, still serving, before a graceful stop"),
     ("version", "str", None, "version shown by /healthz (the app's fugue.set_version() wins)"),
+    ("status_hosts", "list", [], "Host names the status listener answers besides IP addresses and localhost"),
+    ("status_targets", "bool", False, "status listener: show in-flight request targets with their query strings"),
     ("hostnames", "list", [], "routed mode: hostnames this app serves"),
 ]
 

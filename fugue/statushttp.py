@@ -11,12 +11,18 @@ request per connection.
     GET /healthz   200 while serving and not draining, else 503 (fugue.health)
     GET /livez     200: the master's loop answers
 
+What it shows to whoever can connect: in-flight requests by path only (a query
+string may carry a token) unless status_targets is on; and it answers only a Host
+that is an IP address, localhost or one of status_hosts (421 otherwise), so a web
+page in a browser on this machine cannot read it through DNS rebinding.
+
 On USR2 the new master binds the same port with SO_REUSEPORT while the old one
 still listens (both answer until the old one exits). A fresh master binds
 without it first, so a second fugue on the same port still fails with "in use".
 """
 
 import errno
+import ipaddress
 import json
 import logging
 import socket
@@ -142,11 +148,17 @@ class StatusServer:
         self._route(conn, head.decode("latin-1"))
 
     def _route(self, conn, head):
-        parts = head.split("\n", 1)[0].split()
+        lines = head.split("\n")
+        parts = lines[0].split()
         if len(parts) < 2:
             self._respond(conn, 400, "text/plain", b"bad request\n")
             return
         method, target = parts[0], parts[1]
+        hosts = [line.partition(":")[2].strip() for line in lines[1:]
+                 if line.partition(":")[0].strip().lower() == "host"]
+        if len(hosts) > 1 or (hosts and not host_allowed(hosts[0], self._names())):
+            self._respond(conn, 421, "text/plain", b"misdirected request: this Host is not served here\n")
+            return
         path = target.split("?", 1)[0]
         head_only = method == "HEAD"
         if method not in ("GET", "HEAD"):
@@ -157,14 +169,19 @@ class StatusServer:
             code, body = (health.healthz if path == "/healthz" else health.livez)(self.master)
             self._respond(conn, code, "application/json", body, head_only)
         elif path in ("/status", "/status.json"):
+            targets = getattr(self.master.cfg, "status_targets", False)
             self.master.control.fresh_status(lambda data: self._respond(
-                conn, 200, "application/json", (json.dumps(data, indent=1) + "\n").encode(), head_only))
+                conn, 200, "application/json",
+                (json.dumps(data if targets else paths_only(data), indent=1) + "\n").encode(), head_only))
         elif path == "/metrics":
             self.master.control.fresh_status(lambda data: self._metrics(conn, data, head_only))
         elif path == "/":
             self._respond(conn, 200, "text/plain", b"fugue: /status (JSON), /metrics (Prometheus)\n", head_only)
         else:
             self._respond(conn, 404, "text/plain", b"not found: try /status or /metrics\n", head_only)
+
+    def _names(self):
+        return {"localhost"} | {n.lower().rstrip(".") for n in getattr(self.master.cfg, "status_hosts", None) or ()}
 
     def _metrics(self, conn, data, head_only):
         try:
@@ -182,6 +199,7 @@ class StatusServer:
         if client is None:
             return  # gone while its status was being gathered
         reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                  421: "Misdirected Request",
                   431: "Request Header Fields Too Large", 503: "Service Unavailable"}[code]
         headers = {"Content-Type": ctype, "Content-Length": str(len(body)), "Connection": "close",
                    "Cache-Control": "no-store", **(extra or {})}
@@ -241,6 +259,34 @@ class StatusServer:
             self._drop(conn)
         self.sock.close()
         self.closed = True
+
+
+def host_allowed(host, names):
+    """True for a Host header naming an IP address (any: an address cannot be rebound to
+    another host), or one of `names` (lower case, no trailing dot), with any port."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, sep, rest = host[1:].partition("]")
+        if not sep or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return False
+    else:
+        name, sep, port = host.rpartition(":")
+        if not sep or not port.isdigit():
+            name = host
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return name.rstrip(".") in names
+
+
+def paths_only(data):
+    """The status with each in-flight request shown as method and path, without the query."""
+    out = dict(data)
+    out["workers"] = [dict(row, current=[dict(c, info=str(c.get("info", "")).split("?", 1)[0])
+                                         for c in row.get("current") or [] if isinstance(c, dict)])
+                      for row in data.get("workers", [])]
+    return out
 
 
 # -- Prometheus ----------------------------------------------------------------------------

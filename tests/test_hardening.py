@@ -180,3 +180,25 @@ def test_notify_socket_places_the_sender_in_the_workers_tree():
         os.waitpid(pid, 0)
     finally:
         ns.close()
+
+
+# -- 6. the status listener ----------------------------------------------------------------------
+
+def test_status_listener_shows_paths_only_and_answers_only_known_hosts(fugue_proc, workdir):
+    p = fault_app(fugue_proc, 1, status_bind="127.0.0.1:0", status_hosts=["metrics.internal"]).started()
+    sport = int(p.wait_log(r"status listener on http://127\.0\.0\.1:(\d+)/status").group(1))
+    hung = socket.create_connection(("127.0.0.1", p.port))
+    try:
+        hung.sendall(b"GET /hang?reset_token=s3cret HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_for(lambda: status(p)["workers"][0]["current"], 15, "the request in flight")
+        for host in (f"127.0.0.1:{sport}", "localhost", "[::1]:1", "metrics.internal:9000", "Metrics.Internal."):
+            code, body, _ = http_get(sport, "/status", headers={"Host": host})
+            assert code == 200, (host, code)
+            assert "/hang" in body and "s3cret" not in body, body
+        for host in ("evil.example", f"evil.example:{sport}", "localhost.evil.example", "[::1]x"):
+            code, body, _ = http_get(sport, "/status", headers={"Host": host})
+            assert (code, body) == (421, "misdirected request: this Host is not served here\n"), host
+        # The operator's own view (the 0600 control socket) keeps the whole target.
+        assert status(p)["workers"][0]["current"][0]["info"] == "GET /hang?reset_token=s3cret"
+    finally:
+        hung.close()
