@@ -10,6 +10,16 @@ import json
 
 VERSION = 1
 MAX_FRAME = 1 << 20  # one packet; status of thousands of workers fits
+# What a worker may send in one packet. A SOCK_SEQPACKET socketpair refuses a packet
+# above its send buffer (net.core.wmem_default, about 208 KB) with EMSGSIZE, so every
+# worker message is kept well below that: lists are cut short with a count of what was
+# left off (see adapters.base.Stats), texts are truncated.
+WORKER_MAX = 64 * 1024
+MAX_CURRENT = 64        # in-flight requests listed in one stats message
+MAX_INFO = 256          # characters of one in-flight request's description
+MAX_COUNTERS = 256      # app counter names per worker (fugue.stats.incr)
+MAX_COUNTER_NAME = 100  # characters of one counter name
+MAX_TEXT = 4000         # characters of a reason (FAILED, DRAINING)
 
 # master -> worker
 HELLO = "hello"          # + listener descriptors; worker id, generation, options
@@ -43,6 +53,14 @@ def encode(kind, **fields):
     if len(data) > MAX_FRAME:
         raise ProtocolError(f"message {kind} too large ({len(data)} bytes)")
     return data
+
+
+def clip(text, limit):
+    """`text` cut to `limit` characters, saying how much was cut."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def decode(data):

@@ -49,6 +49,7 @@ def collect(master):
             "restarts": master.restarts.get(w.slot, 0),
             "counters": dict(own),
             "current": stats.get("current", []),
+            "current_more": _int(stats.get("current_more")),  # in flight, not listed (protocol.MAX_CURRENT)
             "foreign": w.foreign,
             "status": stats.get("status"),  # a foreign worker's sd_notify STATUS=
         })

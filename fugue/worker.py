@@ -7,6 +7,7 @@ SOCK_SEQPACKET socket: HELLO (with the listeners) arrives first, then STOP,
 REOPEN, STATS, CONN. EOF on it means the master is gone: drain and exit.
 """
 
+import errno
 import json
 import logging
 import os
@@ -264,14 +265,38 @@ class Runtime(WorkerContext):
             pass
 
     def _send(self, kind, **fields):
+        """One message to the master, never above protocol.WORKER_MAX (the stats are bounded at
+        their source, a reason is clipped; anything still too big is dropped and said once).
+
+        Only EOF-like errors (EPIPE, ECONNRESET, ENOTCONN) mean the master is gone: any other
+        error costs this one message, never the worker's heartbeat and so its life."""
         if self.master_gone:
             return
+        for key in ("reason", "status"):
+            if isinstance(fields.get(key), str):
+                fields[key] = protocol.clip(fields[key], protocol.MAX_TEXT)
         try:
-            self.channel.send(protocol.encode(kind, **fields))
+            data = protocol.encode(kind, **fields)
+            if len(data) > protocol.WORKER_MAX:
+                raise protocol.ProtocolError(f"{len(data)} bytes")
+            self.channel.send(data)
         except (BlockingIOError, InterruptedError):
             pass  # the master is not reading; a heartbeat will follow
-        except OSError:
+        except (BrokenPipeError, ConnectionResetError):
             self.master_gone = True
+        except OSError as e:
+            if e.errno in (errno.ENOTCONN, errno.EBADF):
+                self.master_gone = True
+            else:
+                self._unsent(kind, e.strerror or str(e))
+        except protocol.ProtocolError as e:
+            self._unsent(kind, f"too large ({e})")
+
+    def _unsent(self, kind, why):
+        said = self.__dict__.setdefault("_unsent_said", set())
+        if kind not in said:  # once per kind of message: a loop must not fill the log
+            said.add(kind)
+            log.warning("could not send %s to the master: %s; the worker goes on", kind, why)
 
     def fail(self, reason):
         """Tell the master why this worker cannot start, then exit 1."""

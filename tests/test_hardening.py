@@ -202,3 +202,38 @@ def test_status_listener_shows_paths_only_and_answers_only_known_hosts(fugue_pro
         assert status(p)["workers"][0]["current"][0]["info"] == "GET /hang?reset_token=s3cret"
     finally:
         hung.close()
+
+
+# -- 7. bounded worker messages ------------------------------------------------------------------
+
+def test_a_status_request_with_huge_targets_in_flight_does_not_kill_the_worker(fugue_proc, workdir):
+    """Long URLs in flight made the stats reply exceed the channel's packet limit: EMSGSIZE was
+    taken for "master gone", the worker stopped heartbeating and was killed after `timeout`."""
+    p = fault_app(fugue_proc, 1, timeout=1).started()
+    pid, = [r["pid"] for r in status(p)["workers"]]
+    hung = []
+    try:
+        for i in range(80):  # 80 x 60 KB targets, and more in flight than one message lists
+            s = socket.create_connection(("127.0.0.1", p.port))
+            s.sendall(b"GET /hang?pad=" + str(i).encode() * 1 + b"x" * 60000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            hung.append(s)
+        row = wait_for(lambda: [r for r in status(p)["workers"] if r["in_flight"] == 80], 30,
+                       "80 requests in flight")[0]
+        assert row["pid"] == pid and len(row["current"]) == 64 and row["current_more"] == 16, row
+        assert all(len(c["info"]) < 300 and c["info"].endswith("more characters)") for c in row["current"])
+        # Still heartbeating well past `timeout`: the same worker serves.
+        wait_for(lambda: status(p)["workers"][0]["uptime"] > 5, 30, "the worker to outlive 5 timeouts")
+        assert [r["pid"] for r in status(p)["workers"]] == [pid]
+        assert "killed" not in p.log() and "no heartbeat" not in p.log()
+    finally:
+        for s in hung:
+            s.close()
+    assert p.body().startswith(f"hello from worker 1 pid {pid}")
+
+
+def test_app_counters_are_bounded_per_worker(fugue_proc, workdir):
+    p = fault_app(fugue_proc, 1).started()
+    for i in range(300):
+        assert p.body(f"/count?name=c{i}") == "counted\n"
+    row, = status(p)["workers"]
+    assert len(row["counters"]) == 256 and "c255" in row["counters"] and "c256" not in row["counters"]

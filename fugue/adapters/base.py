@@ -33,6 +33,8 @@ import threading
 import time
 import traceback
 
+from ..protocol import MAX_COUNTER_NAME, MAX_COUNTERS, MAX_CURRENT, MAX_INFO, clip as _clip
+
 
 class Stats:
     """Counters of one worker; thread-safe because threaded servers update them."""
@@ -44,6 +46,7 @@ class Stats:
         self.connections = 0
         self.connections_total = 0
         self.counters = {}
+        self.counters_dropped = 0  # increments of names past MAX_COUNTERS, not kept
         self.current = {}  # thread or task id -> what the worker is serving right now
 
     def connection_opened(self):
@@ -68,19 +71,34 @@ class Stats:
             self.current.pop(key if key is not None else threading.get_ident(), None)
 
     def incr(self, name, n=1):
+        """Bounded: at most MAX_COUNTERS names of MAX_COUNTER_NAME characters per worker;
+        an increment of a new name past that is counted in counters_dropped, not kept."""
+        name = str(name)[:MAX_COUNTER_NAME]
         with self._lock:
-            self.counters[name] = self.counters.get(name, 0) + n
+            if name in self.counters or len(self.counters) < MAX_COUNTERS:
+                self.counters[name] = self.counters.get(name, 0) + n
+            else:
+                self.counters_dropped += 1
 
     def snapshot(self):
+        """Plain data for the master, bounded whatever the app does (see MAX_CURRENT and
+        friends): the oldest MAX_CURRENT requests in flight, each described in at most
+        MAX_INFO characters; `current_more` counts the ones left off."""
         with self._lock:
             now = time.time()
-            return {
+            current = sorted(self.current.values(), key=lambda item: item[1])
+            snap = {
                 "requests": self.requests, "in_flight": self.in_flight,
                 "connections": self.connections, "connections_total": self.connections_total,
                 "counters": dict(self.counters),
-                "current": [{"info": info, "for": round(now - since, 3)}
-                            for info, since in self.current.values()],
+                "current": [{"info": _clip(info, MAX_INFO), "for": round(now - since, 3)}
+                            for info, since in current[:MAX_CURRENT]],
             }
+            if len(current) > MAX_CURRENT:
+                snap["current_more"] = len(current) - MAX_CURRENT
+            if self.counters_dropped:
+                snap["counters_dropped"] = self.counters_dropped
+            return snap
 
 
 class WorkerContext:
