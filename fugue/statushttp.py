@@ -107,6 +107,9 @@ class StatusServer:
     # -- loop readers ---------------------------------------------------------------
 
     def accept(self):
+        if not self.listening:  # a new master not serving yet: nothing to accept, and epoll
+            self.master.loop.remove_reader(self.sock)  # would report the socket ready forever
+            return
         while True:
             try:
                 conn, _ = self.sock.accept()
@@ -248,6 +251,7 @@ class StatusServer:
         if not self.listening and not self.closed and m.rollout is None and not m.stopping:
             self.sock.listen(64)
             self.listening = True
+            m.loop.add_reader(self.sock, self.accept)
         elif self.listening and getattr(m, "stepped_down", False):
             self.accept()
             m.loop.remove_reader(self.sock)
