@@ -24,6 +24,8 @@ log = logging.getLogger("fugue")
 
 STATUS_WAIT = 1.0
 REQUEST_WAIT = 5.0  # a client must send its request this soon after connecting (fuguectl does at once)
+MAX_CLIENTS = 256   # connections being served at once; more wait in the listen backlog
+ACCEPT_PAUSE = 0.1  # seconds accepting pauses when the master is out of descriptors
 COMMANDS = ("status", "reload", "upgrade", "stop", "scale", "reopen-logs", "pid", "watch", "drain", "undrain")
 
 
@@ -38,17 +40,33 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
-        self.sock.listen(16)
+        # A thousand fuguectl/status callers at once wait in the backlog (the kernel caps it at
+        # net.core.somaxconn) rather than see EAGAIN; the client retries EAGAIN within its timeout.
+        self.sock.listen(socket.SOMAXCONN)
         self.sock.setblocking(False)
         self.clients = {}             # conn -> deadline for its request, or None once it came
+        self.paused_until = None      # accepting paused: at MAX_CLIENTS (inf) or out of descriptors
+        self.accept_failures = 0      # since the last log line about them
+        self.accept_said = 0.0
         self._seq = itertools.count(1)
         self.pending_status = {}      # seq -> [deliver(data), waiting pids, deadline]
 
     def accept(self):
         while True:
+            if len(self.clients) >= MAX_CLIENTS:
+                self._pause(float("inf"))  # until one is done (drop)
+                return
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE, ENFILE, ENOBUFS: they wait in the backlog meanwhile
+                self._pause(time.monotonic() + ACCEPT_PAUSE)
+                self.accept_failures += 1
+                if time.monotonic() - self.accept_said >= 10.0:
+                    log.warning("control: cannot accept (%s), %d time(s) since the last report; "
+                                "pausing %gs", e.strerror, self.accept_failures, ACCEPT_PAUSE)
+                    self.accept_said, self.accept_failures = time.monotonic(), 0
                 return
             _, uid, _ = peer_credentials(conn)
             if uid not in (0, os.getuid()):
@@ -99,6 +117,18 @@ class ControlServer:
             del self.clients[conn]
             self.master.loop.remove_reader(conn)
             conn.close()
+            if self.paused_until == float("inf"):
+                self._resume()
+
+    def _pause(self, until):
+        if self.paused_until is None:
+            self.master.loop.remove_reader(self.sock)
+        self.paused_until = until
+
+    def _resume(self):
+        if self.paused_until is not None and self.sock.fileno() >= 0:
+            self.paused_until = None
+            self.master.loop.add_reader(self.sock, self.accept)
 
     def handle(self, conn, msg):
         """Run one command; a refusal or a failure is the reply, never the owner's death."""
@@ -219,7 +249,11 @@ class ControlServer:
             if when is not None and when <= now:  # connected, and silent: it holds a descriptor
                 log.warning("control: closed a connection that sent no request in %gs", REQUEST_WAIT)
                 self.drop(conn)
+        if self.paused_until is not None and self.paused_until <= now:
+            self._resume()
         deadlines = [e[2] for e in self.pending_status.values()]
+        if self.paused_until is not None and self.paused_until != float("inf"):
+            deadlines.append(self.paused_until)
         deadlines += [when for when in self.clients.values() if when is not None]
         http = getattr(self.master, "status_server", None)
         if http is not None:
@@ -236,6 +270,21 @@ class ControlServer:
             pass
 
 
+def _connect_retrying(sock, path, timeout):
+    """connect(2), retrying EAGAIN (the master's backlog is full: it is busy, not gone) until
+    `timeout` has passed; a Unix socket with a timeout does not wait for room by itself."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        try:
+            return connect_unix_path(sock, path)
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() + pause > deadline:
+                raise TimeoutError(f"the master's control socket stayed busy for {timeout:g}s") from None
+            time.sleep(pause)  # fuguectl's side: no loop to return to
+            pause = min(pause * 2, 0.1)
+
+
 def request(path, cmd, timeout=None, **fields):
     """fuguectl's side: send one command, wait for its reply (a dict).
 
@@ -243,7 +292,7 @@ def request(path, cmd, timeout=None, **fields):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.settimeout(timeout)
     try:
-        connect_unix_path(sock, path)
+        _connect_retrying(sock, path, timeout)
         try:
             sock.send(protocol.encode("cmd", cmd=cmd, **fields))
         except (BrokenPipeError, ConnectionResetError):

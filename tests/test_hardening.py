@@ -237,3 +237,34 @@ def test_app_counters_are_bounded_per_worker(fugue_proc, workdir):
         assert p.body(f"/count?name=c{i}") == "counted\n"
     row, = status(p)["workers"]
     assert len(row["counters"]) == 256 and "c255" in row["counters"] and "c256" not in row["counters"]
+
+
+# -- 11. the control socket under a crowd ------------------------------------------------------
+
+def test_a_thousand_simultaneous_control_requests_all_get_their_answer(fugue_proc, workdir):
+    import threading
+
+    from faultkit import run_dir
+    from fugue import control
+
+    p = fault_app(fugue_proc, 1).started()
+    path = os.path.join(run_dir(p, p.master_pid()), "control.sock")
+    start = threading.Barrier(1000)
+    results = []
+
+    def ask():
+        start.wait()
+        try:
+            results.append(control.request(path, "pid", 60)["data"]["pid"])
+        except OSError as e:
+            results.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=ask) for _ in range(1000)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    errors = [r for r in results if not isinstance(r, int)]
+    assert len(results) == 1000 and not errors, (len(errors), errors[:3])
+    assert set(results) == {p.master_pid()}
+    assert p.body().startswith("hello from worker 1")
