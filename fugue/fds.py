@@ -219,6 +219,47 @@ def open_listeners(binds, backlog):
     return out
 
 
+# A classic BPF socket filter that drops TCP segments with SYN set and ACK clear (new
+# connection attempts) and lets everything else through. The filter sees the TCP header
+# at offset 0; byte 13 holds the flags (ACK 0x10, SYN 0x02).
+_DROP_SYN = [
+    (0x30, 0, 0, 13),           # ldb [13]
+    (0x54, 0, 0, 0x12),         # and #(SYN|ACK)
+    (0x15, 0, 1, 0x02),         # jeq #SYN, drop, pass
+    (0x06, 0, 0, 0),            # ret #0: drop
+    (0x06, 0, 0, 0xFFFFFFFF),   # ret #-1: pass
+]
+SO_ATTACH_FILTER = 26
+
+
+def refuse_new_clients(listeners):
+    """Graceful stop: make our own TCP listeners take no new handshake, at once, in every
+    process that holds them, while what the kernel already queued stays to be accepted.
+
+    Closing the listeners is not enough under load: whichever process closes the last copy
+    resets the connections that completed their handshake since its last accept(). With
+    the filter, a SYN arriving from now on is dropped; the workers accept what is queued
+    (their drain sweeps it) and close; the client's SYN retransmission then finds no
+    listener and is refused. Adopted sockets (fd:N, systemd's) are left alone: they outlive
+    this master and would keep the filter. Returns how many listeners got it.
+    """
+    import ctypes
+
+    prog = b"".join(struct.pack("HBBI", *ins) for ins in _DROP_SYN)
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    fprog = struct.pack("HL", len(_DROP_SYN), ctypes.addressof(buf))
+    done = 0
+    for lst in listeners:
+        if lst.sock.family not in (socket.AF_INET, socket.AF_INET6) or str(lst.spec).startswith("fd:"):
+            continue
+        try:
+            lst.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+            done += 1
+        except OSError:
+            pass  # no BPF: closing alone still refuses, with a small reset window at the end
+    return done
+
+
 def close_listeners(listeners, unlink=False):
     for lst in listeners:
         path = None

@@ -23,7 +23,8 @@ import time
 from . import notify, policy, protocol, workers
 from .errors import FugueError
 from .fds import (Listener, bind_unix_path, check_private_parent, close_listeners, connect_unix_path,
-                  peer_credentials, private_dir, read_messages, recv_with_fds, send_with_fds)
+                  peer_credentials, private_dir, read_messages, recv_with_fds, refuse_new_clients,
+                  send_with_fds)
 from .health import Drain
 from .loop import Loop
 from .policy import WorkerState
@@ -895,6 +896,14 @@ class Master:
         if not handed_over:
             notify.send("STOPPING=1")
             log.info("%s stop", how)
+            # No new client from now on, and our copy of the listeners goes first (each worker
+            # sweeps what is queued and closes its own as it drains): a new client is refused,
+            # never queued in the backlog and reset at exit. After an upgrade (handed_over) the
+            # new master serves on them: nothing to refuse or close.
+            if how == "graceful":
+                refuse_new_clients(self.listeners)
+            close_listeners(self.listeners, unlink=True)
+            self.listeners = []
         if self.upgrade is not None and not self.upgrade.stepped_down:
             try:
                 os.kill(self.upgrade.pid, signal.SIGKILL)

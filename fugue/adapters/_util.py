@@ -5,12 +5,17 @@
 - `at_eof(fd)`: whether a wake fd that stays readable after ctx.dispatch() is
   at EOF (the master is gone), so a loop can stop watching it instead of spinning.
 - `WorkerBridge`: the worker's wake fds and heartbeat on an asyncio loop.
+- `queued(sock)`, `SWEEP_MAX`, `close_after_sweep(servers)`: a draining worker accepts
+  what its listeners' queue already holds before it closes them, so the last process to
+  close a listener resets nothing (on a graceful stop the master has stopped new
+  handshakes: fds.refuse_new_clients).
 """
 
 import asyncio
 import inspect
 import logging
 import os
+import select
 import socket
 
 log = logging.getLogger("fugue")
@@ -105,3 +110,29 @@ class WorkerBridge:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+
+
+# At most this many connections are swept from a listener's queue at a drain: during a
+# reload new ones keep coming (and the new generation takes them), so a sweep must end.
+SWEEP_MAX = 256
+
+
+def queued(sock):
+    """True if a connection waits in the accept queue of the listener `sock`."""
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (ValueError, OSError):  # closed
+        return False
+
+
+async def close_after_sweep(servers, settle=0.05):
+    """Close asyncio servers once their loop has accepted what the listeners queued;
+    `settle` seconds more let the accepted connections get their protocol."""
+    socks = [sock for srv in servers for sock in (srv.sockets or ())]
+    for _ in range(SWEEP_MAX):
+        if not any(queued(sock) for sock in socks):
+            break
+        await asyncio.sleep(0)  # one loop pass: asyncio accepts on readiness
+    for srv in servers:
+        srv.close()
+    await asyncio.sleep(settle)

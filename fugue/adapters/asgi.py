@@ -29,7 +29,7 @@ import logging
 import time
 
 from . import _warmup
-from ._util import WorkerBridge, is_async, positional_params
+from ._util import WorkerBridge, close_after_sweep, is_async, positional_params
 from .base import Adapter
 
 # uvicorn itself is imported where it is used, not here: `pick` imports this
@@ -74,6 +74,7 @@ class AsgiAdapter(Adapter):
         self._counted = {}       # protocol -> transport, for the connection count
         self._drained = False
         self.failure = None      # why this worker cannot serve (lifespan startup, warmup)
+        self._sweep = None       # the drain's close_after_sweep task
 
     def _wrap_app(self):
         adapter, app = self, self.target
@@ -206,7 +207,7 @@ class AsgiAdapter(Adapter):
             if transport.is_closing() and proto not in self.server.server_state.connections:
                 if self._counted.pop(proto, None) is not None:
                     self.ctx.stats.connection_closed()
-        if not self.ctx.draining or self.server.should_exit:
+        if not self.ctx.draining or self.server.should_exit or (self._sweep and not self._sweep.done()):
             return
         left = self.ctx.graceful_deadline - time.monotonic()
         if not self.server.server_state.connections or left <= 0:
@@ -218,8 +219,8 @@ class AsgiAdapter(Adapter):
 
     def begin_drain(self):
         servers = getattr(self.server, "servers", None) or []
-        for srv in servers:
-            srv.close()  # stop accepting; connections are left to the drain policy
+        # Stop accepting once what is queued is accepted; connections are left to the drain policy.
+        self._sweep = self.loop.create_task(close_after_sweep(servers))
         self._on_tick()
 
     def quick_stop(self):

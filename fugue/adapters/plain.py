@@ -7,8 +7,9 @@ sends the heartbeat (so a wedged `serve` is not detected by the heartbeat:
 that is the price of running arbitrary blocking code).
 
 How `serve` learns to stop (graceful stop / reload):
-- `sock.accept()` raises OSError(EBADF) once the worker drains, as on a
-  closed socket, so the usual `while True: conn, _ = sock.accept()` loop ends.
+- `sock.accept()` raises OSError(EBADF) once the worker drains and nothing is
+  left in the listener's queue, as on a closed socket, so the usual
+  `while True: conn, _ = sock.accept()` loop ends.
 - A `stop` parameter (any callable with one gets it by keyword) is a
   threading.Event set when the drain begins; `stop.fileno()` becomes readable
   then, for serve loops that select() on the listener themselves.
@@ -106,12 +107,18 @@ class _Listener(socket.socket):
         timeout = self._fugue_timeout
         deadline = None if not timeout else time.monotonic() + timeout
         while True:
-            if adapter.stop.is_set():
-                raise OSError(errno.EBADF, "fugue is draining: this worker accepts no more connections")
             try:
                 fd, addr = self._accept()
             except (BlockingIOError, InterruptedError):
-                pass  # nothing waiting, or another worker took it
+                # Nothing waiting, or another worker took it. Draining, what was queued has
+                # been taken (not left to be reset when the last copy closes): stop here.
+                if adapter.stop.is_set():
+                    self.close()
+                    raise OSError(errno.EBADF, "fugue is draining: this worker accepts no more connections")
+            except OSError:
+                if adapter.stop.is_set():
+                    raise OSError(errno.EBADF, "fugue is draining: this worker accepts no more connections")
+                raise
             else:
                 conn = socket.socket(self.family, self.type, self.proto, fileno=fd)
                 if timeout is None and socket.getdefaulttimeout() is None:
@@ -149,6 +156,7 @@ class CallableAdapter(Adapter):
         self.stop = Stop()
         self.ctx = None
         self.threads = []
+        self.listening = []  # our _Listener copies: closed by accept() once drained, or at the end
         self.failed = None
         self._quit = False
         self._accepting = False
@@ -165,7 +173,10 @@ class CallableAdapter(Adapter):
 
     def _wait_accept(self, listener, timeout):
         with selectors.DefaultSelector() as sel:
-            sel.register(listener, selectors.EVENT_READ)
+            try:
+                sel.register(listener, selectors.EVENT_READ)
+            except (ValueError, OSError):
+                return False  # closed by the drain meanwhile: accept() says EBADF
             sel.register(self.stop.fileno(), selectors.EVENT_READ)
             ready = sel.select(timeout)
         return bool(ready)
@@ -220,6 +231,7 @@ class CallableAdapter(Adapter):
             socket.socket.setblocking(mine, False)
             mine._fugue_adapter = self
             mine._fugue_timeout = None
+            self.listening.append(mine)
             sock.close()
             t = threading.Thread(target=self._call, args=(mine,), name=f"fugue-serve-{name or 'l'}",
                                  daemon=True)
@@ -260,6 +272,8 @@ class CallableAdapter(Adapter):
                 ctx.tick()
         finally:
             sel.close()
+            for listener in self.listening:
+                listener.close()
 
     def _serve_returned(self, ready):
         if self.failed:
@@ -281,7 +295,7 @@ class CallableAdapter(Adapter):
         return any(t.is_alive() and not t.daemon and t not in (me, main) for t in threading.enumerate())
 
     def begin_drain(self):
-        self.stop.set()
+        self.stop.set()  # accept() returns what is queued, then closes its listener
 
     def quick_stop(self):
         self._quit = True

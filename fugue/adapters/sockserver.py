@@ -20,6 +20,7 @@ import threading
 import time
 
 from . import _warmup
+from ._util import SWEEP_MAX, queued
 from .base import Adapter
 
 
@@ -201,6 +202,11 @@ class SocketServerAdapter(Adapter):
                 self._sel.unregister(sock)
             except (KeyError, ValueError):
                 pass
+            self.server.socket = sock
+            for _ in range(SWEEP_MAX):  # served with Connection: close, not reset at close
+                if not queued(sock):
+                    break
+                self.server._handle_request_noblock()
             sock.close()
 
     def quick_stop(self):

@@ -24,7 +24,7 @@ import socket
 import time
 
 from . import _warmup
-from ._util import at_eof, is_async, positional_params
+from ._util import SWEEP_MAX, at_eof, is_async, positional_params, queued
 from .base import Adapter
 
 try:
@@ -199,6 +199,10 @@ class WsgiAdapter(Adapter):
     def _stop_accepting(self):
         for srv in self.servers:
             if srv.accepting:
+                for _ in range(SWEEP_MAX):  # served with Connection: close, not reset at close
+                    if not queued(srv.socket):
+                        break
+                    srv.handle_accept()
                 srv.accepting = False
                 srv.del_channel()
                 try:
