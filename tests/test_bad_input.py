@@ -45,7 +45,7 @@ def test_privileged_port_without_the_right(fugue_proc, world_dir):
     ({"gid": "no-such-group-x"}, "unknown group 'no-such-group-x'"),
     ({"working_path": "/nonexistent/dir"}, "working_path /nonexistent/dir does not exist"),
     ({"tmp_path": "/nonexistent/tmp"}, "tmp_path /nonexistent/tmp does not exist"),
-    ({"log_file": "/nonexistent/x.log"}, "log directory /nonexistent does not exist"),
+    ({"log_file": "/nonexistent/x.log"}, "log file directory /nonexistent does not exist"),
     ({"bogus": 1}, "unknown option 'bogus'; valid: workers, bind"),
     ({"backlog": "many"}, "option backlog: 'many' is not an integer >= 1"),
     ({"graceful_timeout": -1}, "option graceful_timeout: -1 is not a number > 0"),
