@@ -530,10 +530,20 @@ def check_target(target, cfg):
         wd = working_dir(cfg)
         if not os.path.isdir(wd):
             raise FugueError(f"working_path {wd} does not exist or is not a directory")
+        # As the workers' user, never the master's: the app's import-time code is app code, and
+        # the master may be root (issue 12). Dropped as a worker drops (Identity.apply).
+        from .workers import Identity
+
+        identity = Identity(cfg.uid, cfg.gid)
+        drop = identity.apply if (identity.uid is not None or identity.gid is not None) else None
         try:
             done = subprocess.run([sys.executable, "-c", _APP_CHECK, spec, json.dumps(plain)], cwd=wd, env=env,
                                   stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                  timeout=cfg.ready_timeout)
+                                  timeout=cfg.ready_timeout, preexec_fn=drop)
+        except PermissionError:
+            raise FugueError(f"--app {spec}: user {identity.describe()} cannot execute {sys.executable} "
+                             f"in {wd}: the interpreter, fugue and the app must be readable by the "
+                             "workers' user") from None
         except subprocess.TimeoutExpired:
             raise FugueError(f"--app {spec}: importing it took more than {cfg.ready_timeout:g}s") from None
         if done.returncode:

@@ -420,12 +420,13 @@ def open_safely(path, flags, mode=0o600, what="file"):
     """
     parent, name = os.path.split(path)
     parent = parent or "."
+    where = what.removesuffix(" file") + " directory"  # "log directory"
     try:
         dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise FugueError(f"{what} directory {parent} does not exist") from None
+        raise FugueError(f"{where} {parent} does not exist") from None
     except NotADirectoryError:
-        raise FugueError(f"{what} directory {parent} is not a directory") from None
+        raise FugueError(f"{where} {parent} is not a directory") from None
     except OSError as e:
         raise FugueError(f"cannot open {what} {path}: {e.strerror}") from None
     try:

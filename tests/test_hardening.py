@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from conftest import APPS, http_get, wait_for
-from faultkit import as_nobody, status
+from conftest import APPS, SYSTEM_PYTHON, http_get, wait_for
+from faultkit import as_nobody, gone, status, until
 from test_hostile import fault_app, home  # noqa: F401 - home is a fixture
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody and plant files")
@@ -268,3 +268,30 @@ def test_a_thousand_simultaneous_control_requests_all_get_their_answer(fugue_pro
     assert len(results) == 1000 and not errors, (len(errors), errors[:3])
     assert set(results) == {p.master_pid()}
     assert p.body().startswith("hello from worker 1")
+
+
+# -- 2. app code never runs with the master's privileges ---------------------------------------
+
+def test_an_app_module_never_sees_uid_0_when_uid_is_set(fugue_proc, world_dir):
+    """`fuguectl check --app`, the pre-import of `start --app` (again at USR2) and the workers."""
+    seen = os.path.join(world_dir, "seen")
+    os.mkdir(seen)
+    os.chmod(seen, 0o777)
+    open(os.path.join(seen, "imports"), "w").close()
+    os.chmod(os.path.join(seen, "imports"), 0o666)
+    who = ["--app", "seen_app:Handler", "--user", "nobody", "--group", "nogroup", "--bind", "127.0.0.1:0",
+           "--workers", "1"]
+    check = fugue_proc(["fuguectl", "check", *who], cwd=world_dir, python=SYSTEM_PYTHON)
+    assert check.wait_exit() == 0, check.log()
+    p = fugue_proc(["fuguectl", "start", *who], cwd=world_dir, python=SYSTEM_PYTHON).started()
+    assert json.loads(p.get("/ids")[1])["uid"] == 65534
+    p.signal(signal.SIGUSR2, p.popen.pid)
+    new = int(p.wait_log(r"upgrade done: new master pid (\d+) serving").group(1))
+    assert new != p.popen.pid
+    with open(os.path.join(seen, "imports")) as f:
+        lines = [line.split() for line in f]
+    # check, start's pre-import, worker 1, the new master's pre-import, its worker 1
+    assert len(lines) >= 5, lines
+    assert all(uid == euid == gid == "65534" for _, uid, euid, gid in lines), lines
+    p.signal(signal.SIGTERM, new)
+    until(lambda: gone(new), what="the master to exit")
