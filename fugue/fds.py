@@ -420,7 +420,7 @@ def open_safely(path, flags, mode=0o600, what="file"):
     """
     parent, name = os.path.split(path)
     parent = parent or "."
-    where = what.removesuffix(" file") + " directory"  # "log directory"
+    where = what + " directory"
     try:
         dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
