@@ -311,10 +311,12 @@ def send_with_fds(sock, data, fds):
     return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
 
 
-def recv_with_fds(sock, bufsize, maxfds=MAX_FDS):
-    """(data, [fds]) from one packet; fds arrive close-on-exec. Truncated control data closes them."""
+def recv_with_fds(sock, bufsize, maxfds=MAX_FDS, flags=0):
+    """(data, [fds]) from one packet; fds arrive close-on-exec. Truncated control data closes them.
+
+    `flags` are added to recvmsg's (MSG_DONTWAIT, on a socket shared in blocking mode)."""
     data, ancdata, flags, _ = sock.recvmsg(bufsize, socket.CMSG_SPACE(maxfds * 4),
-                                           socket.MSG_CMSG_CLOEXEC)
+                                           socket.MSG_CMSG_CLOEXEC | flags)
     fds = array.array("i")
     for level, kind, cdata in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

@@ -33,7 +33,7 @@ import struct
 from . import protocol
 from .fds import recv_with_fds
 
-__all__ = ["Inbox", "inbox_pair", "send_connection", "wrap_listeners"]
+__all__ = ["Inbox", "inbox_pair", "send_connection", "take_back", "wrap_listeners"]
 
 
 class Inbox(socket.socket):
@@ -119,6 +119,31 @@ def send_connection(inbox, conn_fd, info):
         data = json.dumps({"type": protocol.CONN, "info": info}, separators=(",", ":")).encode()
     return inbox.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", conn_fd))],
                          socket.MSG_DONTWAIT)
+
+
+def take_back(app_end):
+    """Router side: the connections still waiting in an inbox nobody serves, as (socket, info),
+    without blocking (the app end is shared in blocking mode, so MSG_DONTWAIT)."""
+    out = []
+    while True:
+        try:
+            data, fds = recv_with_fds(app_end, 4096, 1, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return out
+        except OSError:
+            return out
+        if not data and not fds:
+            return out
+        try:
+            info = protocol.decode(data).get("info") or {}
+        except protocol.ProtocolError:
+            info = {}
+        for fd in fds[1:]:
+            os.close(fd)
+        if fds:
+            peer = info.get("peer")
+            info["peer"] = tuple(peer) if isinstance(peer, list) else peer
+            out.append((socket.socket(fileno=fds[0]), info))
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_.:-]{1,255}")

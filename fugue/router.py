@@ -43,7 +43,7 @@ from . import apps as appconf
 from . import notify, policy, protocol
 from .errors import ConfigError, FugueError
 from .fds import bind_unix_path, close_listeners, connect_unix_path
-from .inbox import inbox_pair, send_connection
+from .inbox import inbox_pair, send_connection, take_back
 from .control import ControlServer
 from .loop import Loop
 from .master import Refused
@@ -108,6 +108,11 @@ class App:
         self.not_before = None
         self.waiters = []          # callables(ok, text): add, restart
         self.removing = None       # callables(ok, text) waiting for its removal, or None
+        self.down_since = None     # monotonic time its serving master died; None while it serves
+        self.turned_away = False   # down for longer than its ready_timeout: clients get 503 at once
+
+    def ready_timeout(self):
+        return float(self.spec.options.get("ready_timeout") or 30.0)
 
     def __str__(self):
         return f"app {self.name}" + (f" (master pid {self.pid})" if self.pid else "")
@@ -212,6 +217,12 @@ class Router:
                 if conn.state == "sniff":
                     self.peek(conn)
         for app in list(self.apps.values()):
+            if app.down_since is not None and not app.turned_away and app.removing is None:
+                if now >= app.down_since + app.ready_timeout():
+                    app.turned_away = True
+                    log.error("app %s: not serving again within ready_timeout %gs; clients get 503 until it does",
+                              app.name, app.ready_timeout())
+                    self.turn_away_waiting(app, self.down_text(app))
             if app.backlog:
                 self.flush_backlog(app)
             if app.state == "backoff" and app.not_before <= now:
@@ -225,6 +236,8 @@ class Router:
         if self.repeek or any(app.backlog for app in self.apps.values()):
             deadlines.append(now + (REPEEK if self.repeek else BACKLOG_RETRY))
         deadlines += [app.not_before for app in self.apps.values() if app.state == "backoff"]
+        deadlines += [app.down_since + app.ready_timeout() for app in self.apps.values()
+                      if app.down_since is not None and not app.turned_away and app.removing is None]
         deadlines += [d for d, _ in self.asks.values()]
         deadlines.append(self.control.deadline() if self.control is not None else None)
         deadlines = [d for d in deadlines if d is not None]
@@ -335,7 +348,9 @@ class Router:
         if conn.lowat:
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         info = {"peer": conn.peer, "host": name, "via": kind}
-        if app.backlog:
+        if app.turned_away:
+            self.unavailable(app, conn.sock, info, self.down_text(app))
+        elif app.backlog:
             self.hold(app, conn.sock, info)
         else:
             self.deliver(app, conn.sock, info)
@@ -367,14 +382,28 @@ class Router:
                 return
             app.backlog.popleft()
 
-    def unavailable(self, app, sock, info):
+    def unavailable(self, app, sock, info, why=None):
         app.refused += 1
         self.counters["unavailable"] += 1
         conn = Conn(sock, info.get("peer"), sock.family != socket.AF_UNIX, 0)
         if info.get("via") == "http":
-            self.refuse(conn, 503, f"app {app.name} cannot take more connections now")
+            self.refuse(conn, 503, why or f"app {app.name} cannot take more connections now")
         else:
             sock.close()
+
+    def turn_away_waiting(self, app, why):
+        """Answer every connection held for `app` or waiting in its inbox: 503 (HTTP) or close
+        (TLS). Called when nobody will read them: the app stayed down past its ready_timeout,
+        or it is removed. Never leaves a client hanging on a connection we accepted."""
+        waiting = list(app.backlog) + take_back(app.app_end)
+        app.backlog.clear()
+        for sock, info in waiting:
+            self.unavailable(app, sock, info, why)
+        if waiting:
+            log.warning("app %s: answered %d waiting connection(s): %s", app.name, len(waiting), why)
+
+    def down_text(self, app):
+        return f"app {app.name} is not running (its master could not be restarted)"
 
     def refuse(self, conn, status, text):
         """Answer an HTTP client with an error, then linger-close (RST would eat the answer)."""
@@ -504,6 +533,10 @@ class Router:
             first = app.state == "starting"
             app.state = "ready"
             app.ever_ready = True
+            if app.down_since is not None:
+                log.info("%s serving again after %.1fs", app, time.monotonic() - app.down_since)
+            app.down_since = None
+            app.turned_away = False
             if first:
                 log.info("%s ready: %s", app, app.status_text)
                 for waiter in app.waiters:
@@ -572,6 +605,8 @@ class Router:
         delay = policy.backoff_delay(app.failures)
         app.state = "backoff"
         app.not_before = now + delay
+        if app.down_since is None:
+            app.down_since = now
         log.error("app %s: its master %s; restarting it in %.2fs (connections wait in its inbox)",
                   app.name, desc, delay)
 
@@ -581,6 +616,7 @@ class Router:
         if self.apps.get(app.name) is app:
             del self.apps[app.name]
         self.loop.remove_reader(app.notify)
+        self.turn_away_waiting(app, f"app {app.name} was removed")  # what its workers did not take
         app.close()
         log.info("app %s removed", app.name)
         for waiter in app.removing:
@@ -597,7 +633,7 @@ class Router:
         self.rebuild_table()  # new connections for its names get 421 from now on
         log.info("removing app %s: stopping its master", name)
         for conn, info in list(app.backlog):
-            self.unavailable(app, conn, info)
+            self.unavailable(app, conn, info, f"app {app.name} is being removed")
         app.backlog.clear()
         self.signal_masters(app, signal.SIGQUIT)
         if app.state == "backoff":
