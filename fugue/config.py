@@ -25,6 +25,13 @@ OPTIONS = [
     ("pid_file", "path", None, "pid file of the master (default: fugue.pid beside the -c file, else in the start directory)"),
     ("log_file", "path", None, "log file for the master and the workers"),
     ("master_log_file", "path", None, "log file for the master alone"),
+    ("access_log", "path", None, "access log, one line per HTTP request, written by the workers (-: stdout; "
+     "default: none)"),
+    ("access_log_format", "str", None, "access log line in gunicorn's atoms, such as %(h)s %(t)s \"%(r)s\" "
+     "%(s)s %(b)s %(D)s (default: gunicorn's)"),
+    ("log_level", "choice:debug|info|warning|error|critical", "info",
+     "least severe level logged (verbose means debug); waitress's and uvicorn's loggers follow it"),
+    ("log_format", "choice:text|json", "text", "text lines, or one JSON object per line (log and access log)"),
     ("uid", "id", None, "user the workers run as (name or number)"),
     ("gid", "id", None, "group the workers run as (name or number)"),
     ("umask", "int0", 0o022, "umask of the daemonized master and its workers"),
@@ -261,6 +268,12 @@ def build(options=None, start_dir=None, source="option"):
         values["pid_file"] = "fugue.pid"
     if values["working_path"] is None:
         values["working_path"] = start_dir
+    if values["access_log"] not in (None, "-"):  # the workers open it, from working_path
+        values["access_log"] = os.path.join(start_dir, values["access_log"])
+    if values["access_log_format"] is not None:
+        from .accesslog import check_format
+
+        check_format(values["access_log_format"])
     return Config(values=values, start_dir=start_dir)
 
 

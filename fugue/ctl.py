@@ -50,6 +50,8 @@ ALIASES = {
     "gid": ["--group", "-g"],
     "working_path": ["--chdir"],
     "log_file": ["--error-logfile"],
+    "access_log": ["--access-logfile"],
+    "access_log_format": ["--access-logformat"],
     "verbose": ["-v"],
     "ready_mode": ["--ready"],
     "watch": ["--reload"],
@@ -300,7 +302,7 @@ def load_config_file(path, only=None):
             raise ConfigError(f"{shown}: unknown key {key!r}{hint}; allowed keys: "
                               f"{', '.join(config.NAMES + list(TARGET_KEYS))}")
         value = check_value(key, value, f"{shown}: {key} = {_toml_text(value)}")
-        if config.KINDS[key] == "path" and value is not None:
+        if config.KINDS[key] == "path" and value is not None and not (key == "access_log" and value == "-"):
             value = os.path.join(base, value)
         elif key == "bind":  # unix:PATH too
             value = [f"unix:{os.path.join(base, v[5:])}" if v.startswith("unix:") else v for v in value]
@@ -463,6 +465,8 @@ def _start_or_check(args, tail):
         return run_script(target["script"], options)
     cfg = config.build(options)
     check_target(target, cfg)
+    if cfg.access_log not in (None, "-") and not os.path.isdir(os.path.dirname(cfg.access_log)):
+        raise FugueError(f"access_log {cfg.access_log}: directory {os.path.dirname(cfg.access_log)} does not exist")
     from .run import run_master
 
     return run_master(cfg, target)
@@ -599,7 +603,7 @@ def check(args, options, target):
     if not os.path.isdir(tmp) and not (cfg.tmp_path in config.DEFAULT_TMP_PATHS
                                        and os.path.isdir(os.path.dirname(tmp))):
         raise FugueError(f"tmp_path {tmp} does not exist or is not a directory")
-    for name in ("pid_file", "log_file", "master_log_file"):
+    for name in ("pid_file", "log_file", "master_log_file", "access_log"):
         path = cfg.path(name)
         if path and not os.path.isdir(os.path.dirname(path)):
             raise FugueError(f"{name} {path}: directory {os.path.dirname(path)} does not exist")

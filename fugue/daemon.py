@@ -7,13 +7,17 @@ waits on a ready pipe and exits 0 only when the master reports all workers
 ready, 1 with the master's reason otherwise.
 """
 
+import datetime
 import errno
+import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
 
+from .accesslog import journal_stream_is
 from .errors import FugueError
 
 log = logging.getLogger("fugue")
@@ -262,7 +266,7 @@ class LogHandler(logging.Handler):
 
     def emit(self, record):
         try:
-            data = (self.format(record) + "\n").encode(errors="replace")
+            data = self._line(record)
         except Exception:  # noqa: BLE001 - a bad format argument, as logging reports it
             self.handleError(record)
             return
@@ -271,12 +275,20 @@ class LogHandler(logging.Handler):
                                      "%d log line%s lost since %s: %s", None, None)
             note.args = (self.lost, "" if self.lost == 1 else "s",
                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since)), self.error)
-            if not self._write((self.format(note) + "\n").encode(errors="replace")):
+            if not self._write(self._line(note)):
                 self.lost += 1
                 return
             self.lost, self.error, self.since = 0, None, None
         if not self._write(data):
             self.lost += 1
+
+    def _line(self, record):
+        """The record's bytes; on the journal's stream every line starts with its priority."""
+        text = self.format(record)
+        if journal_stream_is(self.fd):  # checked per record: USR1 and daemonizing move fd 2
+            prefix = f"<{syslog_priority(record.levelno)}>"
+            text = "\n".join(prefix + line for line in text.split("\n"))
+        return (text + "\n").encode(errors="replace")
 
     def _write(self, data):
         try:
@@ -307,13 +319,79 @@ def log_trouble():
     return "; ".join(t for t in troubles if t) or None
 
 
-def setup_logging(verbose):
+def syslog_priority(levelno):
+    """sd-daemon(3)'s <N>: 2 critical, 3 error, 4 warning, 6 info, 7 debug."""
+    for floor, priority in ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6)):
+        if levelno >= floor:
+            return priority
+    return 7
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, pid, role, worker, generation, message, and the
+    record's own fields (logging's `extra=`), plus the traceback as `exception`."""
+
+    STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+    def __init__(self, fields):
+        super().__init__()
+        self.fields = dict(fields)
+
+    def format(self, record):
+        out = {"time": datetime.datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds"),
+               "level": record.levelname.lower(), "pid": record.process, **self.fields,
+               "message": record.getMessage()}
+        if record.name != "fugue":
+            out["logger"] = record.name  # waitress's and uvicorn's own lines
+        for key, value in vars(record).items():
+            if key not in self.STANDARD and not key.startswith("_") and key not in out:
+                out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=True)
+
+
+def level_of(verbose, log_level):
+    return logging.DEBUG if verbose else getattr(logging, (log_level or "info").upper())
+
+
+def make_formatter(log_format, text_format, fields):
+    return JsonFormatter(fields) if log_format == "json" else logging.Formatter(text_format)
+
+
+def setup_logging(verbose, log_level="info", log_format="text"):
+    """The master's (or the router's) log: fd 2, at `log_level` (debug if verbose), text or JSON."""
+    role = re.search(r"\] \[([^\]]+)\]", LOG_FORMAT)
     handler = LogHandler(2)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(make_formatter(log_format, LOG_FORMAT, {"role": role.group(1) if role else "master"}))
     root = logging.getLogger("fugue")
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.setLevel(level_of(verbose, log_level))
     root.propagate = False
+    return handler
+
+
+class _QueueDepthAtDebug(logging.Filter):
+    """waitress warns "Task queue depth is N" whenever a request waits for a free thread; under
+    load that is how a thread pool works, not a fault: it is a debug line."""
+
+    def filter(self, record):
+        if record.getMessage().startswith("Task queue depth"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("waitress").getEffectiveLevel() <= logging.DEBUG
+        return True
+
+
+def adopt_library_loggers(handler, level):
+    """waitress's and uvicorn's loggers write through fugue's handler, at fugue's level."""
+    for name in ("waitress", "uvicorn"):
+        lib = logging.getLogger(name)
+        lib.handlers[:] = [handler]
+        lib.setLevel(level)
+        lib.propagate = False
+    queue = logging.getLogger("waitress.queue")
+    if not any(isinstance(f, _QueueDepthAtDebug) for f in queue.filters):
+        queue.addFilter(_QueueDepthAtDebug())
 
 
 # -- daemonize -------------------------------------------------------------------

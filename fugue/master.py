@@ -881,11 +881,9 @@ class Master:
     def reopen_logs(self):
         fd = self.logs.reopen()
         log.info("reopened log files")
-        if fd is None:
-            return
-        for w in self.workers.values():
+        for w in self.workers.values():  # without a new fd the workers still reopen their access logs
             if not w.foreign:
-                self.send(w, protocol.REOPEN, fds=[fd])
+                self.send(w, protocol.REOPEN, fds=[fd] if fd is not None else [])
 
     def begin_stop(self, how, handed_over=False):
         if self.stopping == "quick" or (self.stopping == how):

@@ -990,7 +990,7 @@ def start(config_path, overrides=None):
 
     rc = appconf.load(config_path, overrides=overrides)
     daemon.LOG_FORMAT = daemon.LOG_FORMAT.replace("[master]", "[router]")
-    setup_logging(rc.cfg.verbose)
+    setup_logging(rc.cfg.verbose, rc.cfg.log_level, rc.cfg.log_format)
     logging.raiseExceptions = False
     cfg = check_paths(rc.cfg)
     rc = appconf.RouterConfig(rc.path, cfg, rc.router, rc.apps)

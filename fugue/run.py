@@ -43,7 +43,7 @@ def run_master(cfg, target):
     """Bind (or adopt, or take over on upgrade), daemonize, run the loop. Returns the exit status."""
     from .master import Master, connect_handoff
 
-    setup_logging(cfg.verbose)
+    setup_logging(cfg.verbose, cfg.log_level, cfg.log_format)
     logging.raiseExceptions = False  # a full disk must not turn log lines into tracebacks
     cfg = check_paths(cfg)
     identity = Identity(cfg.uid, cfg.gid)

@@ -74,6 +74,7 @@ class Runtime(WorkerContext):
         self.version = None
         self.graceful_deadline = None
         self.adapter = None
+        self.access = None  # the AccessLog, when the access_log option is set
         self.master_gone = False
         self._next_beat = 0.0
         self._serving = False
@@ -223,9 +224,12 @@ class Runtime(WorkerContext):
         kind = msg["type"]
         if kind == protocol.STOP:
             self._stop("graceful" if msg.get("graceful", True) else "quick", msg.get("reason"))
-        elif kind == protocol.REOPEN and fds:
-            os.dup2(fds[0], 1)
-            os.dup2(fds[0], 2)
+        elif kind == protocol.REOPEN:
+            if fds:
+                os.dup2(fds[0], 1)
+                os.dup2(fds[0], 2)
+            if self.access is not None:
+                self.access.reopen()
         elif kind == protocol.STATS:
             snap = self.stats.snapshot()
             self._send(protocol.STATS_REPLY, seq=msg.get("seq"), stats=snap)
@@ -305,16 +309,37 @@ class Runtime(WorkerContext):
         raise WorkerExit(1)
 
 
-def _setup_logging(worker_id, verbose):
-    from .daemon import LogHandler  # a full disk costs log lines, said once; never the worker
+def _setup_logging(rt):
+    """fugue's, waitress's and uvicorn's loggers: fd 2 (the master's log), at log_level, text or JSON."""
+    from .daemon import LogHandler, adopt_library_loggers, level_of, make_formatter
 
-    handler = LogHandler(2)
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s [%(process)d] [worker {worker_id}] %(levelname)s %(message)s"))
+    handler = LogHandler(2)  # a full disk costs log lines, said once; never the worker
+    handler.setFormatter(make_formatter(
+        rt.options.get("log_format"), f"%(asctime)s [%(process)d] [worker {rt.worker_id}] %(levelname)s %(message)s",
+        {"role": "worker", "worker": rt.worker_id, "generation": rt.generation}))
+    level = level_of(rt.options.get("verbose"), rt.options.get("log_level"))
     root = logging.getLogger("fugue")
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.setLevel(level)
     root.propagate = False
+    adopt_library_loggers(handler, level)
+
+
+def _open_access_log(rt):
+    """The access_log option: this worker's AccessLog (ctx.access), opened as the worker's user."""
+    from .accesslog import AccessLog
+    from .errors import FugueError
+
+    target = rt.options.get("access_log")
+    if not target:
+        return
+    access = AccessLog(target, rt.options.get("access_log_format"), rt.options.get("log_format") == "json",
+                       {"role": "worker", "worker": rt.worker_id, "generation": rt.generation})
+    try:
+        access.open()
+    except FugueError as e:
+        rt.fail(f"access log: {e}")
+    rt.access = access
 
 
 def resolve(spec):
@@ -380,7 +405,7 @@ def main():
     listeners = wrap_listeners(fds, hello.get("listeners") or [])
     rt = Runtime(channel, hello, listeners)
     current = rt
-    _setup_logging(rt.worker_id, rt.options.get("verbose"))
+    _setup_logging(rt)
     try:
         import setproctitle
 
@@ -393,6 +418,7 @@ def main():
         signal.signal(sig, signal.SIG_IGN)
     status = 0
     try:
+        _open_access_log(rt)
         if "app" in target:
             try:
                 obj = resolve(target["app"])

@@ -55,6 +55,7 @@ def test_tcp_ipv6_and_unix_listeners_serve_one_wsgi_app(fugue_proc, workdir):
     assert answers(1)
     p.signal(signal.SIGHUP)
     p.wait_log(r"reload done: generation 2 serving")
+    p.wait_log(r"generation 1\) stopped", count=2)  # until then an old worker may still accept
     assert answers(2)
     assert "may not be mixed" not in p.log()
     p.signal(signal.SIGTERM)

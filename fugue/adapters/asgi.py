@@ -29,6 +29,7 @@ import logging
 import time
 
 from . import _warmup
+from ..accesslog import headers_of
 from ._util import WorkerBridge, close_after_sweep, is_async, positional_params
 from .base import Adapter
 
@@ -79,6 +80,7 @@ class AsgiAdapter(Adapter):
     def _wrap_app(self):
         adapter, app = self, self.target
         close = (b"connection", b"close")
+        access = getattr(self.ctx, "access", None)
 
         async def wrapped(scope, receive, send):
             if scope["type"] not in ("http", "websocket"):
@@ -87,18 +89,34 @@ class AsgiAdapter(Adapter):
             key = ("asgi", id(scope))
             what = scope["type"] if scope["type"] != "http" else scope.get("method", "")
             stats.request_started(f"{what} {scope.get('path', '')}", key)
+            response = {"status": None, "headers": (), "length": 0}
+            started, wall = time.monotonic(), time.time()
 
             async def send_closing(message):
-                if message["type"] == "http.response.start" and (adapter.ctx.draining or adapter.ctx.lb_draining):
-                    headers = list(message.get("headers") or [])
-                    if not any(k.lower() == b"connection" for k, _ in headers):
-                        message = dict(message, headers=headers + [close])
+                if message["type"] == "http.response.start":
+                    response["status"], response["headers"] = message.get("status"), message.get("headers") or ()
+                    if adapter.ctx.draining or adapter.ctx.lb_draining:
+                        headers = list(message.get("headers") or [])
+                        if not any(k.lower() == b"connection" for k, _ in headers):
+                            message = dict(message, headers=headers + [close])
+                elif message["type"] == "http.response.body":
+                    response["length"] += len(message.get("body") or b"")
                 await send(message)
 
             try:
                 return await app(scope, receive, send_closing)
             finally:
                 stats.request_finished(key)
+                if access is not None and scope["type"] == "http":
+                    client = scope.get("client")
+                    access.request(
+                        remote=client[0] if client else None, method=scope.get("method", "-"),
+                        path=scope.get("path", ""), query=scope.get("query_string", b"").decode("latin-1"),
+                        protocol=f"HTTP/{scope.get('http_version', '1.1')}",
+                        status=response["status"] if response["status"] is not None else "-",
+                        length=response["length"], started=started, wall=wall,
+                        request_headers=headers_of(scope.get("headers") or ()),
+                        response_headers=headers_of(response["headers"]))
 
         return wrapped
 
@@ -159,6 +177,8 @@ class AsgiAdapter(Adapter):
                     adapter._started()
 
         kw = dict(DEFAULTS)
+        # uvicorn's own lines follow fugue's level (they go through fugue's handler, in its format)
+        kw["log_level"] = "debug" if self.options.get("verbose") else (self.options.get("log_level") or "info")
         kw.update(getattr(self.target, "asgi_options", None) or {})
         if self.options.get("keep_alive"):  # the operator's --keep-alive wins over the app's own
             kw["timeout_keep_alive"] = float(self.options["keep_alive"])

@@ -72,6 +72,7 @@ class SocketServerAdapter(Adapter):
     def _wrap_handler(self):
         """Subclass the app's handler to count, and to say Connection: close while draining."""
         adapter = self
+        access = getattr(self.ctx, "access", None)
         base = self.server.RequestHandlerClass
         if getattr(base, "_fugue_wrapped", False):
             return
@@ -97,12 +98,37 @@ class SocketServerAdapter(Adapter):
                     finally:
                         if self._fugue_counted:
                             adapter.ctx.stats.request_finished()
+                            if access is not None:
+                                self._fugue_access()
 
                 def parse_request(self):
+                    self._fugue_started, self._fugue_wall = time.monotonic(), time.time()
+                    self._fugue_status, self._fugue_sent = "-", {}
                     ok = super().parse_request()
                     self._fugue_counted = True
                     adapter.ctx.stats.request_started(f"{self.command} {self.path}")
                     return ok
+
+                def send_response_only(self, code, message=None):
+                    self._fugue_status = code
+                    super().send_response_only(code, message)
+
+                def send_header(self, keyword, value):
+                    if access is not None and getattr(self, "_fugue_counted", False):
+                        self._fugue_sent[keyword.lower()] = str(value)
+                    super().send_header(keyword, value)
+
+                def _fugue_access(self):
+                    path, _, query = (self.path or "").partition("?")
+                    remote = self.client_address[0] if isinstance(self.client_address, tuple) else None
+                    length = self._fugue_sent.get("content-length", "")
+                    access.request(
+                        remote=remote or None, method=self.command or "-", path=path, query=query,
+                        protocol=self.request_version or "-", status=self._fugue_status,
+                        length=int(length) if length.isdigit() else 0,
+                        started=self._fugue_started, wall=self._fugue_wall,
+                        request_headers={k.lower(): v for k, v in (getattr(self, "headers", None) or {}).items()},
+                        response_headers=self._fugue_sent)
 
                 def end_headers(self):
                     if (adapter.ctx.draining or adapter.ctx.lb_draining) and not self.close_connection:

@@ -24,6 +24,7 @@ import socket
 import time
 
 from . import _warmup
+from ..accesslog import headers_of
 from ._util import SWEEP_MAX, at_eof, is_async, positional_params, queued
 from .base import Adapter
 
@@ -104,14 +105,31 @@ class WsgiAdapter(Adapter):
     def _classes(self):
         adapter = self
 
+        access = getattr(self.ctx, "access", None)
+
         class Task(WSGITask):
             def service(self):
                 key = ("wsgi", id(self))
                 adapter.ctx.stats.request_started(f"{self.request.command} {self.request.path}", key)
+                started, wall = time.monotonic(), time.time()
                 try:
                     super().service()
                 finally:
                     adapter.ctx.stats.request_finished(key)
+                    if access is not None:
+                        self._fugue_access(started, wall)
+
+            def _fugue_access(self, started, wall):
+                req = self.request
+                environ = getattr(self, "environ", None) or {}
+                addr = self.channel.addr
+                remote = environ.get("REMOTE_ADDR") or (addr[0] if isinstance(addr, tuple) and addr else None)
+                access.request(
+                    remote=remote, method=req.command, path=req.path, query=req.query,
+                    protocol=f"HTTP/{req.version}", status=(self.status or "-").split(" ", 1)[0],
+                    length=self.content_bytes_written, started=started, wall=wall,
+                    request_headers={k.lower().replace("_", "-"): v for k, v in req.headers.items()},
+                    response_headers=headers_of(self.response_headers))
 
             def build_response_header(self):
                 if (adapter.ctx.draining or adapter.ctx.lb_draining) and not self.close_on_finish:
