@@ -35,7 +35,7 @@ Every request counts: a failure is any loadgen failure kind (HAProxy's 502/503/
 504 are bad_status). HAProxy's view of each server (its stats socket, polled
 every 20 ms) is marked on the timelines. Output: a table on stdout and in
 bench/out/cluster.md, one picture per scenario (bench/out/cluster-*.png; --png
-writes all scenarios into one picture for the README), logs in bench/out/.
+PATH draws the restart scenario once more, for the README), logs in bench/out/.
 
 Everything is removed at the end, even on failure or Ctrl-C: every process in
 the namespaces (`ip netns pids`), HAProxy, the namespaces, the veths and the
@@ -545,11 +545,10 @@ def report(all_results, outdir, png):
         if series:
             pictures.append(plot.timeline_png(str(outdir / f"cluster-{name}.png"), series,
                                               f"{name}: {EXPLAIN[name]}"))
-    if png:
-        series = {f"{kind} {name}, {load_name}": r
-                  for name in SCENARIOS for kind, per in all_results.items() if name in per
-                  for load_name, r in per[name][0].items()}
-        plot.timeline_png(png, series, "3 hosts behind HAProxy: requests/s and failures/s, events marked")
+    if png and any("restart" in per for per in all_results.values()):
+        series = {f"{kind}, {load_name}": r for kind, per in all_results.items() if "restart" in per
+                  for load_name, r in per["restart"][0].items()}
+        plot.timeline_png(png, series, "rolling restart of 3 hosts behind HAProxy (HAProxy's view of each host marked)")
         pictures.append(png)
     text = table + "\n\n" + "\n".join(lines) + "\n"
     (outdir / "cluster.md").write_text(text)
@@ -568,7 +567,7 @@ def main(argv=None):
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"of {','.join(SCENARIOS)}")
     parser.add_argument("--keepalive-conns", type=int, default=8)
     parser.add_argument("--fresh-conns", type=int, default=4)
-    parser.add_argument("--png", help="also draw every scenario into this one picture")
+    parser.add_argument("--png", help="also draw the restart scenario here (the README's picture)")
     args = parser.parse_args(argv)
     servers = [s for s in args.servers.split(",") if s]
     scenarios = [s for s in args.scenarios.split(",") if s]

@@ -179,9 +179,9 @@ class StatusServer:
         elif path == "/metrics":
             self.master.control.fresh_status(lambda data: self._metrics(conn, data, head_only))
         elif path == "/":
-            self._respond(conn, 200, "text/plain", b"fugue: /status (JSON), /metrics (Prometheus)\n", head_only)
+            self._respond(conn, 200, "text/plain", b"fugue: /status (JSON), /metrics (Prometheus), /healthz, /livez\n", head_only)
         else:
-            self._respond(conn, 404, "text/plain", b"not found: try /status or /metrics\n", head_only)
+            self._respond(conn, 404, "text/plain", b"not found: try /status, /metrics, /healthz or /livez\n", head_only)
 
     def _names(self):
         return {"localhost"} | {n.lower().rstrip(".") for n in getattr(self.master.cfg, "status_hosts", None) or ()}
