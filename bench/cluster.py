@@ -261,9 +261,19 @@ class FugueHost(Host):
                           f"{self.h['name']}'s /healthz to show {version}")
 
     def restart(self):
+        """Returns the wall time the master began to drain (from its log line)."""
         self.ctl("stop")
         self.wait_gone()
+        drained = None
+        with open(self.dir / "server.log", errors="replace") as f:
+            for line in f:
+                if "draining for" in line and "before the graceful stop" in line:
+                    drained = line
         self.start()
+        if drained is None:
+            return None
+        stamp = time.strptime(drained[:19], "%Y-%m-%d %H:%M:%S")
+        return time.mktime(stamp) + int(drained[20:23]) / 1000.0
 
 
 class GunicornHost(Host):
@@ -293,9 +303,12 @@ class GunicornHost(Host):
         proctree.wait_for(all_new, BOOT_S, f"{self.h['name']}'s /healthz to show {version}", interval=0.01)
 
     def restart(self):
+        """Returns the wall time TERM was sent (gunicorn stops at once: no drain)."""
+        sent = time.time()
         os.kill(self.master_pid(), signal.SIGTERM)
         self.wait_gone()
         self.start()
+        return sent
 
 
 # -- HAProxy ---------------------------------------------------------------------------------
@@ -386,7 +399,10 @@ class StateWatcher(threading.Thread):
         super().__init__(daemon=True)
         self.haproxy, self.loads = haproxy, loads
         self.halt = threading.Event()
-        self.changes = []   # (monotonic, server, state)
+        self.changes = []   # (wall time, server, state)
+
+    def first(self, name, state, since):
+        return next((t for t, n, s in self.changes if n == name and s == state and t >= since), None)
 
     def run(self):
         last = self.haproxy.states()
@@ -394,7 +410,7 @@ class StateWatcher(threading.Thread):
             now = self.haproxy.states()
             for name, state in sorted(now.items()):
                 if last.get(name) != state:
-                    self.changes.append((time.monotonic(), name, state))
+                    self.changes.append((time.time(), name, state))
                     for load in self.loads:
                         load.mark(f"{name} {state}")
             last = now or last
@@ -411,14 +427,18 @@ def scenario_deploy(hosts, net, mark, notes):
         notes.append(f"{host.h['name']}: {version} live in {time.monotonic() - t0:.2f}s")
 
 
-def scenario_restart(hosts, net, mark, notes, haproxy=None):
+def scenario_restart(hosts, net, mark, notes, haproxy=None, watcher=None):
     for host in hosts:
-        mark(f"{host.h['name']} stop")
-        t0 = time.monotonic()
-        host.restart()
-        mark(f"{host.h['name']} started")
+        name = host.h["name"]
+        mark(f"{name} stop")
+        t0, wall = time.monotonic(), time.time()
+        began = host.restart()
+        mark(f"{name} started")
         proctree.wait_for(haproxy.all_up, BOOT_S, "HAProxy with every host UP")
-        notes.append(f"{host.h['name']}: stopped, started and UP again in {time.monotonic() - t0:.2f}s")
+        down = watcher.first(name, "DOWN", wall - 0.05) if watcher else None
+        seen = (f", HAProxy had it DOWN {1000 * (down - began):.0f} ms after it began to "
+                f"{'drain' if host.kind == 'fugue' else 'stop'}") if down and began else ""
+        notes.append(f"{name}: stopped, started and UP again in {time.monotonic() - t0:.2f}s{seen}")
 
 
 def scenario_kill(hosts, net, mark, notes, haproxy=None):
@@ -467,6 +487,8 @@ def run_scenario(name, hosts, net, haproxy, keepalive_conns, fresh_conns):
               "cut": scenario_cut}[name]
         if name == "deploy":
             fn(hosts, net, mark, notes)
+        elif name == "restart":
+            fn(hosts, net, mark, notes, haproxy=haproxy, watcher=watcher)
         else:
             fn(hosts, net, mark, notes, haproxy=haproxy)
         time.sleep(SETTLE_S)  # and after the last
