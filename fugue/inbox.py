@@ -78,15 +78,31 @@ class Inbox(socket.socket):
                 info = {}
             if not fds:
                 continue  # nothing to serve in this packet
-            conn = socket.socket(fileno=fds[0])
+            conn = RoutedSocket(fileno=fds[0])
             for fd in fds[1:]:
                 os.close(fd)
             conn.settimeout(socket.getdefaulttimeout())
             peer = info.get("peer")
-            return conn, tuple(peer) if isinstance(peer, list) else peer
+            peer = tuple(peer) if isinstance(peer, list) else peer
+            if info.get("via") == "http" and isinstance(info.get("host"), str) and isinstance(peer, tuple):
+                from .adapters.base import routed_connections
+
+                conn.routed_host = info["host"]  # later requests must name it too (421 otherwise)
+                routed_connections[peer[:2]] = conn
+            return conn, peer
 
     def __repr__(self):
         return f"<fugue Inbox fd={self.fileno()}>"
+
+
+class RoutedSocket(socket.socket):
+    """A connection from the router, with the host it was routed by (None: by TLS SNI)."""
+
+    __slots__ = ("routed_host",)
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.routed_host = None
 
 
 def _router_gone():

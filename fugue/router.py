@@ -1038,6 +1038,19 @@ def control_path(config_path, start_dir=None):
     return os.path.join(rc.cfg.path("tmp_path"), f"fugue-{pid}", "control.sock")
 
 
+def shared_user_warnings(rc):
+    """Apps that run as one user share everything: a worker of one may take another's inbox
+    and descriptors (pidfd_getfd, ptrace) and answer its clients. One line per such group."""
+    users = {}
+    for name, spec in rc.apps.items():
+        uid = spec.options.get("uid")
+        users.setdefault("the router's user" if uid is None else f"user {uid}", []).append(name)
+    for who, names in users.items():
+        if len(names) > 1:
+            yield (f"apps {', '.join(names)} run as {who}: they are not isolated from each other "
+                   "(a worker of one can take another's connections); give each app its own uid")
+
+
 def ctl_start(args):
     """`fuguectl start|check -c apps.toml` for a routed-mode file (called by fugue.ctl).
 
@@ -1054,6 +1067,8 @@ def ctl_start(args):
     if args.command == "check":
         rc = appconf.load(args.config, overrides=overrides)
         load_hook(rc.router["route"])
+        for line in shared_user_warnings(rc):
+            print(f"fugue: warning: {line}", file=sys.stderr)
         print(f"ok: {len(rc.apps)} app{'s' if len(rc.apps) != 1 else ''} on {', '.join(rc.cfg.bind)}: "
               + "; ".join(f"{n} ({', '.join(a.hostnames)})" for n, a in rc.apps.items()))
         return 0

@@ -295,3 +295,49 @@ def test_an_app_module_never_sees_uid_0_when_uid_is_set(fugue_proc, world_dir):
     assert all(uid == euid == gid == "65534" for _, uid, euid, gid in lines), lines
     p.signal(signal.SIGTERM, new)
     until(lambda: gone(new), what="the master to exit")
+
+
+# -- 5. routed mode: a kept-alive connection stays with its host --------------------------------
+
+def test_a_request_naming_another_host_on_a_routed_connection_gets_421(fugue_proc, workdir):
+    import http.client
+
+    pytest.importorskip("waitress")
+    pytest.importorskip("uvicorn")
+    from test_router import KINDS, start_router
+
+    p = start_router(fugue_proc, workdir, extra=KINDS)
+    for host in ("alpha.test", "wsgi.test", "asgi.test"):  # http.server, waitress, uvicorn
+        conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=10)
+        try:
+            for same in (host, host.upper() + ":80"):  # the same host, however spelled: served
+                conn.request("GET", "/", headers={"Host": same})
+                resp = conn.getresponse()
+                assert resp.status == 200, (host, resp.status)
+                resp.read()
+            conn.request("GET", "/", headers={"Host": "beta.test"})
+            resp = conn.getresponse()
+            assert (resp.status, resp.read()) == (421, b"misdirected request: this connection was routed "
+                                                      b"to another host's app\n"), host
+            assert resp.getheader("Connection", "").lower() == "close", host
+        finally:
+            conn.close()
+        code, body = http_get(p.port, headers={"Host": "beta.test"})[:2]  # a new connection: routed anew
+        assert code == 200 and body.startswith("beta "), body
+
+
+def test_check_warns_about_routed_apps_that_share_a_user(workdir):
+    import subprocess
+
+    from conftest import PY, ROOT
+
+    (workdir / "apps.toml").write_text(
+        'bind = [":0"]\n'
+        '[apps.a]\nhostnames = ["a.test"]\nscript = "routed_app.py"\n'
+        '[apps.b]\nhostnames = ["b.test"]\nscript = "routed_app.py"\n'
+        '[apps.c]\nhostnames = ["c.test"]\nscript = "routed_app.py"\nuid = "nobody"\n')
+    done = subprocess.run([PY, "-m", "fugue.ctl", "check", "-c", "apps.toml"], cwd=workdir, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ("fugue: warning: apps a, b run as the router's user: they are not isolated from each "
+                           "other (a worker of one can take another's connections); give each app its own uid\n")

@@ -31,7 +31,7 @@ import time
 from . import _warmup
 from ..accesslog import headers_of
 from ._util import WorkerBridge, close_after_sweep, is_async, positional_params
-from .base import Adapter
+from .base import MISDIRECTED, Adapter, misdirected
 
 # uvicorn itself is imported where it is used, not here: `pick` imports this
 # module to ask every target `accepts`, and a WSGI worker must not pay for
@@ -89,6 +89,19 @@ class AsgiAdapter(Adapter):
             key = ("asgi", id(scope))
             what = scope["type"] if scope["type"] != "http" else scope.get("method", "")
             stats.request_started(f"{what} {scope.get('path', '')}", key)
+            host = next((v for k, v in scope.get("headers") or () if k.lower() == b"host"), None)
+            if host is not None and misdirected(scope.get("client"), host.decode("latin-1")):
+                try:
+                    if scope["type"] == "websocket":
+                        await send({"type": "websocket.close", "code": 1008})
+                    else:
+                        await send({"type": "http.response.start", "status": 421, "headers": [
+                            (b"content-type", b"text/plain"), (b"content-length", str(len(MISDIRECTED)).encode()),
+                            close]})
+                        await send({"type": "http.response.body", "body": MISDIRECTED})
+                    return
+                finally:
+                    stats.request_finished(key)
             response = {"status": None, "headers": (), "length": 0}
             started, wall = time.monotonic(), time.time()
 

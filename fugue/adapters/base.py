@@ -32,8 +32,37 @@ import os
 import threading
 import time
 import traceback
+import weakref
 
 from ..protocol import MAX_COUNTER_NAME, MAX_COUNTERS, MAX_CURRENT, MAX_INFO, clip as _clip
+
+
+# Routed mode: the router routes a connection by its first request's Host (or TLS SNI);
+# fugue.inbox registers each routed HTTP connection here under its client address, with
+# the host it was routed by (`routed_host`). A later request on the same keep-alive
+# connection that names another host must not be served by this app: 421 (RFC 9110
+# 15.5.20), and the client retries on a new connection, which the router routes anew.
+routed_connections = weakref.WeakValueDictionary()  # (ip, port) of the client -> its socket
+MISDIRECTED = b"misdirected request: this connection was routed to another host's app\n"
+
+
+def misdirected(peer, host_value):
+    """True if the request from `peer` (the client's (ip, port)) names, in its Host header
+    value, another host than its routed connection was routed by. False outside routed mode,
+    for a connection not routed by HTTP Host, and for a request without a Host."""
+    try:
+        sock = routed_connections.get(tuple(peer[:2])) if peer else None
+    except TypeError:
+        return False
+    routed = getattr(sock, "routed_host", None)
+    if routed is None or not host_value:
+        return False
+    from ..sniff import parse_host_header_value
+
+    try:
+        return parse_host_header_value(host_value) != routed
+    except ValueError:
+        return True
 
 
 class Stats:

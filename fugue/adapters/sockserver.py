@@ -21,7 +21,7 @@ import time
 
 from . import _warmup
 from ._util import SWEEP_MAX, queued
-from .base import Adapter
+from .base import MISDIRECTED, Adapter, misdirected
 
 
 def _no_delay(sock):
@@ -107,6 +107,15 @@ class SocketServerAdapter(Adapter):
                     ok = super().parse_request()
                     self._fugue_counted = True
                     adapter.ctx.stats.request_started(f"{self.command} {self.path}")
+                    if ok and misdirected(self.client_address, self.headers.get("Host")):
+                        self.close_connection = True
+                        self.send_response(421, "Misdirected Request")
+                        self.send_header("Content-Type", "text/plain")
+                        self.send_header("Content-Length", str(len(MISDIRECTED)))
+                        self.send_header("Connection", "close")
+                        self.end_headers()
+                        self.wfile.write(MISDIRECTED)
+                        return False
                     return ok
 
                 def send_response_only(self, code, message=None):

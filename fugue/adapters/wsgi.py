@@ -26,7 +26,7 @@ import time
 from . import _warmup
 from ..accesslog import headers_of
 from ._util import SWEEP_MAX, at_eof, is_async, positional_params, queued
-from .base import Adapter
+from .base import MISDIRECTED, Adapter, misdirected
 
 try:
     import waitress
@@ -130,6 +130,17 @@ class WsgiAdapter(Adapter):
                     length=self.content_bytes_written, started=started, wall=wall,
                     request_headers={k.lower().replace("_", "-"): v for k, v in req.headers.items()},
                     response_headers=headers_of(self.response_headers))
+
+            def execute(self):
+                if misdirected(self.channel.addr, self.request.headers.get("HOST")):
+                    self.status = "421 Misdirected Request"
+                    self.response_headers.append(("Content-Type", "text/plain"))
+                    self.set_close_on_finish()
+                    self.content_length = len(MISDIRECTED)
+                    self.complete = True  # what start_response() would have said
+                    self.write(MISDIRECTED)
+                    return
+                super().execute()
 
             def build_response_header(self):
                 if (adapter.ctx.draining or adapter.ctx.lb_draining) and not self.close_on_finish:
