@@ -499,7 +499,7 @@ class Master:
 
     def reload_blocker(self, initial=False):
         """Why a new generation cannot start now, or None. Never more than two generations."""
-        if self.stopping:
+        if self.stopping or self.drain.stop_at is not None:  # drain_delay: the stop has begun
             return "the master is stopping"
         if self.rollout is not None:
             return f"generation {self.rollout.generation} is still starting"
@@ -609,7 +609,7 @@ class Master:
 
     def begin_upgrade(self, waiter=None):
         """Exec a new master that takes the listeners over the temp-path socket."""
-        if self.stopping:
+        if self.stopping or self.drain.stop_at is not None:  # an upgrade would undo the stop
             raise Refused("upgrade refused: the master is stopping")
         if self.upgrade is not None:
             raise Refused("upgrade refused: an upgrade is already in progress")

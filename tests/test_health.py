@@ -122,6 +122,11 @@ def test_drain_delay_keeps_serving_while_health_says_503(fugue_proc, workdir):
     drain = json.loads(out)["master"]["draining"]
     assert drain["reason"] == "stop" and 0 < drain["stop_in"] <= 600
     assert p.popen.poll() is None
+    # The stop has begun: a reload or an upgrade now would undo it.
+    rc, _, err = run_ctl(["upgrade"], workdir)
+    assert rc == 1 and "upgrade refused: the master is stopping" in err
+    rc, _, err = run_ctl(["reload"], workdir)
+    assert rc == 1 and "the master is stopping" in err
     # A quick stop does not wait for the drain.
     p.signal(signal.SIGINT)
     assert p.wait_exit() == 0
