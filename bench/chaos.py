@@ -33,6 +33,11 @@ CHAOS_IGNORE_TERM):
                     workers stopped, and how long does it take?
     stuck-request   one request stuck forever in app code (GET /hang), then HUP:
                     the old worker must be killed after graceful_timeout
+    status-scrape   (fugue only: a gunicorn worker has no status to report) two
+                    requests with 110 KB URLs in flight per worker, then
+                    `fuguectl status` x3: the stats reply once exceeded the
+                    channel's packet limit and the worker was killed after
+                    `timeout` with everything it had in flight (issue 12 item 7)
 
 Needs gunicorn and waitress (pip install gunicorn waitress).
 """
@@ -382,6 +387,41 @@ def stuck_request(kind, s, load, notes) -> str:
             f"the stuck request: {stuck}" + ("" if new else "; new generation NOT ready"))
 
 
+def status_scrape(kind, s, load, notes) -> str:
+    before = s.worker_pids()
+    hung = []
+    try:
+        for i in range(2 * WORKERS):
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+            c.sendall(b"GET /hang/" + b"x" * 110_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            hung.append(c)
+        time.sleep(0.5)  # let the workers take them
+        load.mark("fuguectl status x3")
+        answered = sum(1 for _ in range(3) if s.status() is not None)
+        # Past the heartbeat timeout: a worker that took the failed reply for "master gone" is dead by now.
+        time.sleep(TIMEOUT_S + 2)
+        after = s.worker_pids()
+        alive = [c for c in hung if _still_open(c)]
+    finally:
+        for c in hung:
+            c.close()
+    lost = len(before - after)
+    return (f"{answered}/3 status answered; {lost} of {len(before)} workers killed; "
+            f"{len(alive)}/{len(hung)} long requests still in flight")
+
+
+def _still_open(conn) -> bool:
+    conn.setblocking(False)
+    try:
+        return conn.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+FUGUE_ONLY = {"status-scrape"}
+
 FAULTS = {
     "kill9-worker": (f"kill -9 of a worker (x{KILLS})", kill9_worker, None),
     "kill9-master": ("kill -9 of the master", kill9_master, None),
@@ -392,6 +432,7 @@ FAULTS = {
     "hung-worker": ("worker blocked for good (SIGSTOP)", hung_worker, None),
     "ignore-term": ("workers ignore SIGTERM, then HUP", ignore_term, {"CHAOS_IGNORE_TERM": "1"}),
     "stuck-request": ("request stuck forever in a worker, then HUP", stuck_request, None),
+    "status-scrape": ("status asked with 110 KB URLs in flight", status_scrape, None),
 }
 
 
@@ -465,6 +506,8 @@ def main(argv=None) -> int:
     outcomes = []
     for name in args.only or list(FAULTS):
         for kind in kinds:
+            if kind != "fugue" and name in FUGUE_ONLY:
+                continue
             o = run_fault(name, kind)
             print(f"  {o.fault:<45} {kind:<9} failed {o.result.failed:<5} {o.outcome}",
                   file=sys.stderr)

@@ -23,6 +23,6 @@ if os.environ.get("CHAOS_IGNORE_TERM") == "1":
 
 
 def app(environ, start_response):
-    if environ.get("PATH_INFO") == "/hang":
+    if environ.get("PATH_INFO", "").startswith("/hang"):  # /hang/<padding>: a long target
         time.sleep(3600)
     return hello_wsgi.app(environ, start_response)
