@@ -225,9 +225,10 @@ class FugueServer(_Proc):
     READY_RE = r"worker \d+ \(pid (\d+), generation \d+\) ready"
 
     def __init__(self, workdir: str, app: str = "hello_wsgi:app", workers: int = 2,
-                 options: tuple = (), env: Optional[dict] = None):
+                 options: tuple = (), env: Optional[dict] = None, command: Optional[list] = None):
         super().__init__(workdir, workers, env)
         self.app = app
+        self.command = list(command) if command else None  # a foreign program instead of --app
         self.options = list(options)
         self.pidfile = self.dir / "fugue.pid"
         self.tmp_path = self.dir / "tmp"
@@ -236,10 +237,11 @@ class FugueServer(_Proc):
 
     def start(self, port: Optional[int] = None, timeout: float = BOOT_TIMEOUT_S) -> int:
         offset = self.log_size()
-        argv = [sys.executable, "-m", "fugue.ctl", "start", "--app", self.app,
+        argv = [sys.executable, "-m", "fugue.ctl", "start",
                 "--bind", f"127.0.0.1:{port or 0}", "--workers", str(self.workers),
                 "--pid-file", str(self.pidfile), "--tmp-path", str(self.tmp_path),
                 "--chdir", str(self.app_dir), *self.options]
+        argv += ["--", *self.command] if self.command else ["--app", self.app]
         t0 = time.monotonic()
         popen = self._popen(argv)
         found = self._wait_log(popen, offset,

@@ -3,6 +3,7 @@
 
     python3 bench/overhead.py                 # ~3.5 minutes
     python3 bench/overhead.py --rounds 5 --seconds 10 --only wsgi
+    python3 bench/overhead.py --access-log    # + fugue's and gunicorn's access logs on
 
 For each kind of app (WSGI: bench/apps/hello_wsgi.py, ASGI:
 bench/apps/hello_asgi.py) every contender is started once, with the same
@@ -121,39 +122,62 @@ def measure_once(server, seconds: int, conns: int) -> dict:
     return result
 
 
-def contenders_for(kind: str, tmp: str, workers: int) -> list:
-    """(label, server) pairs for one kind of app, each in its own directory; fugue first."""
+def contenders_for(kind: str, tmp: str, workers: int, access_log: bool = False) -> list:
+    """(label, server) pairs for one kind of app, each in its own directory; fugue first.
+
+    access_log: also fugue and gunicorn each writing its access log (default format) to a
+    file, so the cost of the log is measured beside gunicorn's in the same run."""
     def sub(name):
         path = os.path.join(tmp, f"{kind}-{name}")
         os.mkdir(path)
         return path
 
+    def logged(name):
+        return ("--access-logfile", os.path.join(sub(name), "access.log"))
+
     if kind == "wsgi":
-        return [
+        out = [
             ("fugue (waitress)", contenders.FugueServer(sub("fugue"), "hello_wsgi:app", workers)),
             ("bare waitress", contenders.BareServer(sub("bare"), "wsgi", "hello_wsgi:app", workers)),
             ("gunicorn gthread", contenders.GunicornServer(sub("gunicorn"), "hello_wsgi:app",
                                                            workers, "gthread", threads=4)),
         ]
+        if access_log:
+            out += [
+                ("fugue (waitress) + access log", contenders.FugueServer(
+                    sub("fugue-log"), "hello_wsgi:app", workers, options=logged("fugue-log-file"))),
+                ("gunicorn gthread + access log", contenders.GunicornServer(
+                    sub("gunicorn-log"), "hello_wsgi:app", workers, "gthread", threads=4,
+                    options=logged("gunicorn-log-file"))),
+            ]
+        return out
     out = [
         ("fugue (uvicorn)", contenders.FugueServer(sub("fugue"), "hello_asgi:app", workers)),
         ("bare uvicorn", contenders.BareServer(sub("bare"), "asgi", "hello_asgi:app", workers)),
     ]
+    if access_log:
+        out.append(("fugue (uvicorn) + access log", contenders.FugueServer(
+            sub("fugue-log"), "hello_asgi:app", workers, options=logged("fugue-log-file"))))
     worker_class = contenders.uvicorn_worker_class()
     if worker_class:
         out.append((f"gunicorn {worker_class.split('.')[0]}.UvicornWorker",
                     contenders.GunicornServer(sub("gunicorn"), "hello_asgi:app", workers,
                                               worker_class)))
+        if access_log:
+            out.append((f"gunicorn {worker_class.split('.')[0]}.UvicornWorker + access log",
+                        contenders.GunicornServer(sub("gunicorn-log"), "hello_asgi:app", workers,
+                                                  worker_class, options=logged("gunicorn-log-file"))))
     out.append(("uvicorn --workers", contenders.UvicornMulti(sub("uvicorn"), "hello_asgi:app",
                                                              workers)))
     return out
 
 
-def measure(kind: str, workers: int, rounds: int, seconds: int, conns: int) -> tuple:
+def measure(kind: str, workers: int, rounds: int, seconds: int, conns: int,
+            access_log: bool = False) -> tuple:
     """Start every contender of `kind`, run the rotating rounds; (rows, notes)."""
     notes = []
     with tempfile.TemporaryDirectory(prefix=f"fugue-bench-overhead-{kind}-") as tmp:
-        pairs = contenders_for(kind, tmp, workers)
+        pairs = contenders_for(kind, tmp, workers, access_log)
         if kind == "asgi" and not any("UvicornWorker" in label for label, _ in pairs):
             notes.append("no gunicorn worker class for uvicorn is installed "
                          "(pip install uvicorn-worker): ASGI is compared with "
@@ -229,6 +253,8 @@ def main(argv=None) -> int:
                         help="wrk duration per run (whole seconds)")
     parser.add_argument("--conns", type=int, default=CONNS, help="wrk connections")
     parser.add_argument("--only", choices=("wsgi", "asgi"), help="one kind of app only")
+    parser.add_argument("--access-log", action="store_true",
+                        help="also fugue and gunicorn writing their access logs to a file")
     args = parser.parse_args(argv)
     problems = check_tools()
     if problems:
@@ -238,7 +264,8 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()[0]
     rows, notes = [], []
     for kind in ([args.only] if args.only else ["wsgi", "asgi"]):
-        kind_rows, kind_notes = measure(kind, args.workers, args.rounds, args.seconds, args.conns)
+        kind_rows, kind_notes = measure(kind, args.workers, args.rounds, args.seconds, args.conns,
+                                        args.access_log)
         rows += kind_rows
         notes += kind_notes
     import gunicorn

@@ -70,6 +70,19 @@ def test_example_reloads_under_load_and_rolls_back_a_broken_edit(fugue_proc, wor
     assert p.wait_exit() == 0
 
 
+def test_django_broken_view_is_rolled_back_by_warmup(fugue_proc, workdir):
+    """Django imports views on the first request: only the example's `warmup = ["/"]` catches
+    a view that no longer compiles before the new generation takes over."""
+    p, where = start_example(fugue_proc, workdir, "django")
+    views = where / "mysite" / "views.py"
+    views.write_text(views.read_text().replace('VERSION = "v1"', 'VERSION = "v2"') + "\ndef broken(:\n")
+    p.signal(signal.SIGHUP)
+    p.wait_log(r"reload failed: .*warmup GET / answered 500.*generation 1 keeps serving", timeout=60)
+    assert "generation 1 version v1" in p.body()
+    p.signal(signal.SIGTERM)
+    assert p.wait_exit() == 0
+
+
 def test_fastapi_websocket_survives_a_reload_then_closes_with_1012(fugue_proc, workdir):
     pytest.importorskip("websockets", reason="the asgi extra installs websockets")
     from websockets.exceptions import ConnectionClosed
