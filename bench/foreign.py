@@ -8,8 +8,9 @@ The same ASGI app (bench/apps/hello_asgi.py) is served by fugue three ways, 2 wo
 
     fugue --app                fuguectl start --app hello_asgi:app (uvicorn inside fugue's worker)
     uvicorn --fd 3 (foreign)   fuguectl start -- python -m uvicorn --fd 3 hello_asgi:app
-    gunicorn (foreign)         fuguectl start -- python -m gunicorn -b fd://3 -w 1
+    gunicorn (foreign)         fuguectl start -- python -m gunicorn -w 1
                                -k uvicorn.workers.UvicornWorker hello_asgi:app
+                               (gunicorn finds the listener through LISTEN_FDS)
 
 and reloaded (HUP) `reloads` times under loadgen.Load (32 keep-alive connections, every
 request counted once: a success or one failure kind), waiting after each HUP for fugue's
@@ -60,7 +61,8 @@ def scenarios(tmp: str) -> list:
     if worker_class:
         out.append((f"gunicorn -k {worker_class} (foreign)", contenders.FugueServer(
             sub("gunicorn"), workers=WORKERS,
-            command=[py, "-m", "gunicorn", "-b", "fd://3", "-w", "1", "-k", worker_class, "hello_asgi:app"])))
+            # gunicorn takes LISTEN_FDS itself (its systemd support): no -b
+            command=[py, "-m", "gunicorn", "-w", "1", "-k", worker_class, "hello_asgi:app"])))
     return out
 
 
@@ -75,9 +77,9 @@ def reload_under_load(server, reloads: int) -> dict:
             os.kill(server.master, signal.SIGHUP)
             proctree.wait_for(lambda: re.search(rf"reload done: generation {generation} serving",
                                                 server.log_text(offset)), 60, f"reload {generation}")
-            proctree.wait_for(lambda: len(re.findall(rf"generation {generation - 1}\) stopped",
+            proctree.wait_for(lambda: len(re.findall(rf"generation {generation - 1}\) (?:stopped|killed)",
                                                      server.log_text(offset))) >= WORKERS,
-                              60, f"generation {generation - 1} gone")
+                              90, f"generation {generation - 1} gone")
     finally:
         result = load.stop()
     return {"requests": result.requests, "failed": result.failed, "kinds": result.failures_text(),
