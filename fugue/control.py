@@ -25,6 +25,7 @@ log = logging.getLogger("fugue")
 STATUS_WAIT = 1.0
 REQUEST_WAIT = 5.0  # a client must send its request this soon after connecting (fuguectl does at once)
 MAX_CLIENTS = 256   # connections being served at once; more wait in the listen backlog
+WORKER_ASKS = 4     # fugue.server_status() asks of one worker waiting for their answer
 ACCEPT_PAUSE = 0.1  # seconds accepting pauses when the master is out of descriptors
 COMMANDS = ("status", "reload", "upgrade", "stop", "scale", "reopen-logs", "pid", "watch", "drain", "undrain")
 
@@ -45,6 +46,11 @@ class ControlServer:
         self.sock.listen(socket.SOMAXCONN)
         self.sock.setblocking(False)
         self.clients = {}             # conn -> deadline for its request, or None once it came
+        self.worker_asks = {}         # worker pid -> its fugue.server_status() asks not yet answered
+        self.worker_round = None      # seq of the STATS round the workers' asks wait on
+        self.worker_round_delivers = []
+        self.refused_asks = 0
+        self.refused_said = 0.0
         self.paused_until = None      # accepting paused: at MAX_CLIENTS (inf) or out of descriptors
         self.accept_failures = 0      # since the last log line about them
         self.accept_said = 0.0
@@ -216,11 +222,42 @@ class ControlServer:
                 waiting.add(w.pid)
         self.pending_status[seq] = [deliver, waiting, time.monotonic() + STATUS_WAIT]
         self._maybe_finish(seq)
+        return seq
 
     def status_for_worker(self, w, msg):
-        """fugue.server_status() in a worker: the same aggregate, sent on its channel."""
+        """fugue.server_status() in a worker: the same aggregate, sent on its channel.
+
+        Bounded, so that one worker's app cannot keep the master busy (a loop asking for
+        status made a reload take 7 s): asks from every worker join one round of STATS
+        while it is pending, and a worker with WORKER_ASKS asks unanswered gets None at once
+        (what a timed-out fugue.server_status() returns), counted in one log line per 10 s.
+        """
         seq = msg.get("seq")
-        self.fresh_status(lambda data: self.master.send(w, protocol.STATUS, seq=seq, data=data))
+        waiting = self.worker_asks.get(w.pid, 0)
+        if waiting >= WORKER_ASKS:
+            self.refused_asks += 1
+            now = time.monotonic()
+            if now - self.refused_said >= 10.0:
+                log.warning("%s asks for status faster than it is answered: %d ask(s) refused",
+                            w, self.refused_asks)
+                self.refused_said, self.refused_asks = now, 0
+            self.master.send(w, protocol.STATUS, seq=seq, data=None)
+            return
+        self.worker_asks[w.pid] = waiting + 1
+
+        def deliver(data):
+            left = self.worker_asks.get(w.pid, 1) - 1
+            if left > 0:
+                self.worker_asks[w.pid] = left
+            else:
+                self.worker_asks.pop(w.pid, None)
+            self.master.send(w, protocol.STATUS, seq=seq, data=data)
+
+        if self.worker_round in self.pending_status:  # join the round under way
+            self.worker_round_delivers.append(deliver)
+            return
+        delivers = self.worker_round_delivers = [deliver]
+        self.worker_round = self.fresh_status(lambda data: [d(data) for d in delivers])
 
     def stats_reply(self, w, msg):
         seq = msg.get("seq")

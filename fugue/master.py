@@ -350,7 +350,7 @@ class Master:
         elif kind == protocol.HEARTBEAT:
             w.last_beat = now
             if isinstance(msg.get("stats"), dict):
-                w.stats.update(msg["stats"])
+                w.stats.update(protocol.clean_stats(msg["stats"]))
         elif kind == protocol.FAILED:
             w.reason = str(msg.get("reason"))[:2000]
         elif kind == protocol.DRAINING:
@@ -361,7 +361,7 @@ class Master:
                 log.info("%s is recycling itself (%s)", w, msg.get("reason"))
         elif kind == protocol.STATS_REPLY:
             if isinstance(msg.get("stats"), dict):
-                w.stats.update(msg["stats"])
+                w.stats.update(protocol.clean_stats(msg["stats"]))
             if self.control is not None:
                 self.control.stats_reply(w, msg)
         elif kind == protocol.STATUS_REQUEST:

@@ -63,6 +63,42 @@ def clip(text, limit):
     return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
+STAT_NUMBERS = ("requests", "in_flight", "connections", "connections_total", "current_more", "counters_dropped")
+
+
+def clean_stats(stats):
+    """A worker's stats (HEARTBEAT, STATS_REPLY) as the master keeps them: known keys only,
+    numbers as ints, at most MAX_COUNTERS app counters with names of MAX_COUNTER_NAME
+    characters and MAX_CURRENT in-flight entries of MAX_INFO characters, whatever the worker
+    sent (its app runs there: a hostile or buggy one must not grow the master)."""
+    out = {}
+    for key in STAT_NUMBERS:
+        value = stats.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out[key] = value
+    counters = stats.get("counters")
+    if isinstance(counters, dict):
+        kept = {}
+        for name, value in counters.items():
+            if len(kept) >= MAX_COUNTERS:
+                out["counters_dropped"] = out.get("counters_dropped", 0) + len(counters) - len(kept)
+                break
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                kept[str(name)[:MAX_COUNTER_NAME]] = value
+        out["counters"] = kept
+    current = stats.get("current")
+    if isinstance(current, list):
+        out["current"] = [{"info": clip(c.get("info", ""), MAX_INFO),
+                           "for": c.get("for") if isinstance(c.get("for"), (int, float)) else None}
+                          for c in current[:MAX_CURRENT] if isinstance(c, dict)]
+        if len(current) > MAX_CURRENT:
+            out["current_more"] = out.get("current_more", 0) + len(current) - MAX_CURRENT
+    for key in ("version", "status"):
+        if isinstance(stats.get(key), str):
+            out[key] = clip(stats[key], MAX_INFO)
+    return out
+
+
 def decode(data):
     """Bytes of one packet -> dict with a "type"; ProtocolError otherwise."""
     if not data:

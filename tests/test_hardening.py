@@ -341,3 +341,25 @@ def test_check_warns_about_routed_apps_that_share_a_user(workdir):
     assert done.returncode == 0, done.stderr
     assert done.stderr == ("fugue: warning: apps a, b run as the router's user: they are not isolated from each "
                            "other (a worker of one can take another's connections); give each app its own uid\n")
+
+
+# -- 10. a hostile worker and its master ---------------------------------------------------------
+
+def test_a_worker_flooding_counters_and_status_asks_does_not_degrade_its_master(fugue_proc, workdir):
+    from faultkit import settled
+
+    p = fault_app(fugue_proc, 2).started()
+    settled(p, 2)
+    assert p.body("/channel?what=counter_flood,status_flood") == "sent\n"
+    p.wait_log(r"worker \d \(pid \d+, generation 1\) asks for status faster than it is answered: \d+ ask\(s\) refused")
+    data = status(p)
+    for row in data["workers"]:
+        assert len(row["counters"]) <= 256 and all(len(name) <= 100 for name in row["counters"]), len(row["counters"])
+    assert len(data["counters"]) <= 512
+    with open(f"/proc/{p.master_pid()}/status") as f:
+        rss_kb = int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1))
+    assert rss_kb < 100_000, rss_kb  # the flood is 80 MB of counter names; the master keeps 256 per worker
+    from faultkit import ask
+
+    assert ask(p, "reload")["ok"]  # and the master still does its job
+    settled(p, 2)

@@ -9,7 +9,9 @@ directory shapes the generation (or the master) that imports it, as for app.py, 
   {"handoff": [STEP...]}  a new master speaks to the old one itself, then stops:
                           "garbage", "truncated", "oversized", "fds", "silent", "exit"
 Extra endpoints: /hang (never answers), /leak?mb=N (keeps N MB), /channel?what=... (the
-worker sends that junk to its master: garbage, truncated, oversized, fds, flood).
+worker sends that junk to its master: garbage, truncated, oversized, fds, flood),
+/fork?setsid=0|1 (a child forked without exec, so it holds the listeners, sleeps forever;
+with setsid=1 it leaves the worker's process group: answers "forked PID").
 """
 
 import array
@@ -68,6 +70,19 @@ def junk(sock, what):
                 sock.send(json.dumps({"type": "hb", "stats": {"requests": i}}).encode())
             except BlockingIOError:
                 break
+    elif what == "counter_flood":  # heartbeats whose app counters have ever-new names
+        for i in range(400):
+            try:
+                sock.send(json.dumps({"type": "hb", "stats": {"requests": i, "counters": {
+                    f"c{i}-{j}-" + "x" * 200: 1 for j in range(200)}}}).encode())
+            except BlockingIOError:
+                time.sleep(0.001)
+    elif what == "status_flood":  # fugue.server_status() asked in a loop, answers never read
+        for i in range(3000):
+            try:
+                sock.send(json.dumps({"type": "status_request", "seq": i + 1}).encode())
+            except BlockingIOError:
+                time.sleep(0.001)
     elif what == "bad_fields":  # known types, fields of the wrong kind
         for msg in ({"type": "stats_reply", "seq": {"a": 1}}, {"type": "stats_reply", "seq": [1]},
                     {"type": "status_request", "seq": [1]}, {"type": "hb", "stats": {"requests": "lots"}},
@@ -92,6 +107,17 @@ class Handler(AppHandler):
                 block[i] = 1  # touch every page: RSS, not just address space
             HOARD.append(block)
             return self.answer(f"holding {sum(len(b) for b in HOARD) >> 20} MB")
+        elif url.path == "/fork":
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    if query.get("setsid") == "1":
+                        os.setsid()
+                    while True:
+                        time.sleep(3600)
+                finally:
+                    os._exit(0)
+            return self.answer(f"forked {pid}")
         elif url.path == "/channel":
             rt = fugue.worker.current
             for what in query.get("what", "garbage").split(","):
