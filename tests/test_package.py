@@ -74,3 +74,29 @@ def check_wheel(path):
         assert f"share/fugue/{rel}" in data, f"{rel} is not installed (add it to setup.cfg's data_files)"
     assert any(n.endswith(".dist-info/LICENSE") or "/licenses/LICENSE" in n for n in names), names
     assert "fugue/ctl.py" in names
+
+
+def test_readme_set_up_in_a_venv_of_debians_python(tmp_path):
+    """README's `python3 -m venv .venv && . .venv/bin/activate` then `pip install .`, with Debian's
+    own python3 (which refuses `pip install` outside a venv): fuguectl runs and the man pages,
+    contrib/ and examples/ land under .venv/share/ as README says."""
+    python = "/usr/bin/python3"
+    if not os.access(python, os.X_OK):
+        pytest.skip("needs Debian's /usr/bin/python3")
+    if subprocess.run([python, "-c", "import ensurepip"], capture_output=True).returncode:
+        pytest.skip("python3-venv is not installed (apt-get install python3-venv)")
+    venv = tmp_path / ".venv"
+    run([python, "-m", "venv", str(venv)], tmp_path)
+    src, wheels = tmp_path / "src", tmp_path / "wheels"
+    shutil.copytree(ROOT, src, ignore=SKIP)
+    # Offline: the wheel is built by this interpreter (a fresh venv has no `wheel` for a build
+    # without isolation) and installed without its dependencies (their installation is pip's business).
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+         str(src)], tmp_path)
+    wheel = next(wheels.glob("*.whl"))
+    run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", str(wheel)], tmp_path)
+    done = subprocess.run([str(venv / "bin" / "fuguectl"), "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("fuguectl (fugue) "), done
+    for rel in ["share/man/man1/fuguectl.1", "share/fugue/contrib/systemd/fugue@.service",
+                "share/fugue/examples/hello.py", "share/fugue/examples/django/mysite/settings.py"]:
+        assert (venv / rel).is_file(), rel
