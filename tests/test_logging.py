@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import socket
 
 import pytest
 
@@ -199,3 +200,21 @@ def test_access_log_reopen_keeps_the_old_file_when_refused(tmp_path):
     access.write(b"still written\n")
     access.close()
     assert (tmp_path / "moved" / "access.log").read_text() == "still written\n"
+
+
+def test_routed_mode_access_log_has_the_real_client_address(fugue_proc, workdir):
+    """The router hands the client's own TCP connection to the app's worker, so the access
+    log shows the client's address: a client bound to 127.0.0.2 is logged as 127.0.0.2."""
+    from test_router import start_router
+
+    p = start_router(fugue_proc, workdir, top='access_log = "access.log"')
+    port = p.port
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0)) as sock:
+        sock.sendall(b"GET /?who=me HTTP/1.1\r\nHost: alpha.test\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200") and b"peer 127.0.0.2:" in reply, reply
+    path = workdir / "access.log"
+    line = wait_for(lambda: next((l for l in lines(path) if "who=me" in l), None), what="the access line")
+    assert re.match(r'^127\.0\.0\.2 - - \[.*\] "GET /\?who=me HTTP/1\.1" 200 \d+ "-" "-"$', line), line
