@@ -217,6 +217,28 @@ class Config:
         return out
 
 
+# What a reload (HUP, fuguectl reload) cannot apply: they belong to the master process (its
+# sockets, identity, files, process title), so only an upgrade (USR2), a new master, can.
+# Every other option is carried by the next worker generation.
+MASTER_ONLY = ("bind", "backlog", "uid", "gid", "umask", "daemonize", "pid_file", "tmp_path",
+               "log_file", "master_log_file", "status_bind", "name", "verbose")
+
+
+def reload_changes(old, new):
+    """(options a reload applies, changed options only an upgrade can apply), comparing two
+    Configs. Pure: the caller logs the second list ("bind changed: needs `fuguectl upgrade`")."""
+    applied, needs_upgrade = {}, []
+    for name in NAMES:
+        before, after = old.values.get(name), new.values.get(name)
+        if before == after:
+            continue
+        if name in MASTER_ONLY:
+            needs_upgrade.append(name)
+        else:
+            applied[name] = after
+    return applied, needs_upgrade
+
+
 def start_directory():
     """The directory fugue was started from, as the user spelled it ($PWD), not resolved.
 

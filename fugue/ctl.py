@@ -461,6 +461,9 @@ def _start_or_check(args, tail):
     if not args.config and os.path.exists(os.path.join(config.start_directory(), "gunicorn.conf.py")):
         _say("fugue: note: gunicorn.conf.py is not read here; fugue's config file is TOML, given with -c")
     os.environ.update(env)  # before the master starts: the workers and an upgraded master inherit it
+    import fugue
+
+    fugue._reread = lambda: reread_options(args, tail)  # a reload reads the file and flags again
     if "script" in target:
         return run_script(target["script"], options)
     cfg = config.build(options)
@@ -470,6 +473,13 @@ def _start_or_check(args, tail):
     from .run import run_master
 
     return run_master(cfg, target)
+
+
+def reread_options(args, tail):
+    """(options, target) from the config file and the flags, read again for a reload
+    (fugue.reconfig); ConfigError, one line, if the file is no longer valid."""
+    options, file_target = gather_options(args)
+    return options, choose_target(args, tail, file_target)
 
 
 def run_script(argv, options):

@@ -54,6 +54,19 @@ def run_master(cfg, target):
     first_generation = 1
     if upgrade_path:
         handoff, listeners, first_generation = connect_handoff(upgrade_path)
+        from .reconfig import follow_bind  # USR2 applies a changed bind
+
+        try:
+            listeners = follow_bind(listeners, cfg)
+        except FugueError as e:
+            from . import protocol
+
+            try:  # so `fuguectl upgrade` and the old master's log say why
+                handoff.send(protocol.encode(protocol.FAILED, reason=str(e)))
+            except OSError:
+                pass
+            close_listeners(listeners)
+            raise
     else:
         check_pid_file(cfg.path("pid_file"))
         listeners = systemd_listeners()
