@@ -38,6 +38,9 @@ CHAOS_IGNORE_TERM):
                     `fuguectl status` x3: the stats reply once exceeded the
                     channel's packet limit and the worker was killed after
                     `timeout` with everything it had in flight (issue 12 item 7)
+    stop-under-load one request stuck, then TERM (graceful stop): while it drains,
+                    4 clients open fresh connections; each is refused, answered, or
+                    accepted and then reset / left without an answer (the bug)
 
 Needs gunicorn and waitress (pip install gunicorn waitress).
 """
@@ -82,6 +85,7 @@ KILLS = 5
 STORM = 20
 SCALE = 10
 CAP_S = 30.0             # longest a scenario waits for a recovery
+PROBERS = 4              # stop-under-load: clients opening fresh connections during the drain
 
 
 @dataclasses.dataclass
@@ -293,6 +297,46 @@ def hup_storm(kind, s, load, notes) -> str:
             f"{STORM}")
 
 
+def stop_under_load(kind, s, load, notes) -> str:
+    """TERM (graceful stop) with one request stuck, so the drain lasts graceful_timeout;
+    meanwhile PROBERS clients open fresh connections: refused, or accepted and then reset
+    (or left without an answer)?"""
+    hang = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+    hang.sendall(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.5)  # let a worker pick it up
+    seen = []
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def probe():
+        while not done.is_set():
+            outcome = fresh_request(s.port, GRACEFUL_S + 10.0)
+            with lock:
+                seen.append(outcome)
+            if outcome == "refused":
+                done.wait(0.002)
+
+    t = load.mark("TERM (graceful stop, one request stuck)")
+    os.kill(s.master, signal.SIGTERM)
+    probers = [threading.Thread(target=probe, daemon=True) for _ in range(PROBERS)]
+    for p in probers:
+        p.start()
+    gone = within(lambda: not proctree.alive(s.master), GRACEFUL_S + 15.0, interval=0.05)
+    t_gone = load.elapsed() - t if gone else None
+    done.set()
+    for p in probers:
+        p.join(GRACEFUL_S + 15.0)
+    hang.close()
+    counts = {}
+    for outcome in seen:
+        key = outcome.split(" (")[0]
+        counts[key] = counts.get(key, 0) + 1
+    text = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    bad = sum(n for k, n in counts.items() if k not in ("refused", "answered"))
+    return (f"{len(seen)} new connections during the stop: {text}; "
+            f"{'NONE' if not bad else bad} accepted and not answered; master gone after {ms(t_gone)}")
+
+
 def ttin_ttou(kind, s, load, notes) -> str:
     n = s.workers
     offset = s.log_size()
@@ -433,6 +477,7 @@ FAULTS = {
     "ignore-term": ("workers ignore SIGTERM, then HUP", ignore_term, {"CHAOS_IGNORE_TERM": "1"}),
     "stuck-request": ("request stuck forever in a worker, then HUP", stuck_request, None),
     "status-scrape": ("status asked with 110 KB URLs in flight", status_scrape, None),
+    "stop-under-load": ("graceful stop (TERM) under load, one request stuck", stop_under_load, None),
 }
 
 
