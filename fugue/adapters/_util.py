@@ -5,10 +5,11 @@
 - `at_eof(fd)`: whether a wake fd that stays readable after ctx.dispatch() is
   at EOF (the master is gone), so a loop can stop watching it instead of spinning.
 - `WorkerBridge`: the worker's wake fds and heartbeat on an asyncio loop.
-- `queued(sock)`, `SWEEP_MAX`, `close_after_sweep(servers)`: a draining worker accepts
-  what its listeners' queue already holds before it closes them, so the last process to
-  close a listener resets nothing (on a graceful stop the master has stopped new
-  handshakes: fds.refuse_new_clients).
+- `refusing_new_clients(sock)`, `queued(sock)`, `SWEEP_MAX`, `close_after_sweep(servers)`:
+  on a graceful stop (the master has stopped new handshakes: fds.refuse_new_clients) a
+  draining worker accepts what its listeners' queue already holds before it closes them,
+  so the last process to close a listener resets nothing. On a reload it does not: the
+  queue is the new generation's, and it closes its listeners at once.
 """
 
 import asyncio
@@ -117,6 +118,18 @@ class WorkerBridge:
 SWEEP_MAX = 256
 
 
+SO_GET_FILTER = 26  # = SO_ATTACH_FILTER
+
+
+def refusing_new_clients(sock):
+    """True if the master stopped new handshakes on this listener (a graceful stop of the
+    whole service: fds.refuse_new_clients), so what is queued must be accepted here."""
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, SO_GET_FILTER, 256))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def queued(sock):
     """True if a connection waits in the accept queue of the listener `sock`."""
     try:
@@ -129,6 +142,10 @@ async def close_after_sweep(servers, settle=0.05):
     """Close asyncio servers once their loop has accepted what the listeners queued;
     `settle` seconds more let the accepted connections get their protocol."""
     socks = [sock for srv in servers for sock in (srv.sockets or ())]
+    if not any(refusing_new_clients(sock) for sock in socks):
+        for srv in servers:  # a reload: the queue is the new generation's
+            srv.close()
+        return
     for _ in range(SWEEP_MAX):
         if not any(queued(sock) for sock in socks):
             break

@@ -7,9 +7,9 @@ sends the heartbeat (so a wedged `serve` is not detected by the heartbeat:
 that is the price of running arbitrary blocking code).
 
 How `serve` learns to stop (graceful stop / reload):
-- `sock.accept()` raises OSError(EBADF) once the worker drains and nothing is
-  left in the listener's queue, as on a closed socket, so the usual
-  `while True: conn, _ = sock.accept()` loop ends.
+- `sock.accept()` raises OSError(EBADF) once the worker drains (on a graceful
+  stop of the service, once nothing is left in the listener's queue), as on a
+  closed socket, so the usual `while True: conn, _ = sock.accept()` loop ends.
 - A `stop` parameter (any callable with one gets it by keyword) is a
   threading.Event set when the drain begins; `stop.fileno()` becomes readable
   then, for serve loops that select() on the listener themselves.
@@ -38,7 +38,7 @@ import threading
 import time
 import traceback
 
-from ._util import at_eof
+from ._util import at_eof, refusing_new_clients
 from .base import Adapter
 
 log = logging.getLogger("fugue")
@@ -107,6 +107,9 @@ class _Listener(socket.socket):
         timeout = self._fugue_timeout
         deadline = None if not timeout else time.monotonic() + timeout
         while True:
+            if adapter.stop.is_set() and not adapter.sweeping(self):
+                self.close()  # a reload: what is queued is the new generation's
+                raise OSError(errno.EBADF, "fugue is draining: this worker accepts no more connections")
             try:
                 fd, addr = self._accept()
             except (BlockingIOError, InterruptedError):
@@ -157,6 +160,7 @@ class CallableAdapter(Adapter):
         self.ctx = None
         self.threads = []
         self.listening = []  # our _Listener copies: closed by accept() once drained, or at the end
+        self._sweep = None   # a graceful stop (sweep the queue) or a reload (do not); known at the drain
         self.failed = None
         self._quit = False
         self._accepting = False
@@ -294,8 +298,14 @@ class CallableAdapter(Adapter):
         main = threading.main_thread()
         return any(t.is_alive() and not t.daemon and t not in (me, main) for t in threading.enumerate())
 
+    def sweeping(self, listener):
+        """Draining on a graceful stop: accept() takes what is queued before it says EBADF."""
+        if self._sweep is None:
+            self._sweep = refusing_new_clients(listener)
+        return self._sweep
+
     def begin_drain(self):
-        self.stop.set()  # accept() returns what is queued, then closes its listener
+        self.stop.set()  # accept() says EBADF (on a stop: once the queue is empty) and closes
 
     def quick_stop(self):
         self._quit = True

@@ -20,7 +20,7 @@ import threading
 import time
 
 from . import _warmup
-from ._util import SWEEP_MAX, queued
+from ._util import SWEEP_MAX, queued, refusing_new_clients
 from .base import MISDIRECTED, Adapter, misdirected
 
 
@@ -238,7 +238,7 @@ class SocketServerAdapter(Adapter):
             except (KeyError, ValueError):
                 pass
             self.server.socket = sock
-            for _ in range(SWEEP_MAX):  # served with Connection: close, not reset at close
+            for _ in range(SWEEP_MAX if refusing_new_clients(sock) else 0):  # a stop: not reset at close
                 if not queued(sock):
                     break
                 self.server._handle_request_noblock()

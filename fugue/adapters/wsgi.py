@@ -25,7 +25,7 @@ import time
 
 from . import _warmup
 from ..accesslog import headers_of
-from ._util import SWEEP_MAX, at_eof, is_async, positional_params, queued
+from ._util import SWEEP_MAX, at_eof, is_async, positional_params, queued, refusing_new_clients
 from .base import MISDIRECTED, Adapter, misdirected
 
 try:
@@ -228,7 +228,7 @@ class WsgiAdapter(Adapter):
     def _stop_accepting(self):
         for srv in self.servers:
             if srv.accepting:
-                for _ in range(SWEEP_MAX):  # served with Connection: close, not reset at close
+                for _ in range(SWEEP_MAX if refusing_new_clients(srv.socket) else 0):  # a stop: not reset
                     if not queued(srv.socket):
                         break
                     srv.handle_accept()
