@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from . import notify
+from . import keeper, notify
 from .config import DEFAULT_TMP_PATHS
 from .daemon import Logs, check_pid_file, daemonize, setup_logging, tell_launcher
 from .errors import FugueError
@@ -74,6 +74,10 @@ def run_master(cfg, target):
             if not cfg.bind:
                 raise FugueError("nothing to listen on: give a port, a Unix socket path or --bind")
             listeners = open_listeners(cfg.bind, cfg.backlog)
+    if keeper.wanted(cfg, upgrade_path):
+        # Under systemd or as PID 1 this process stays, as the keeper; the master is its child.
+        logs.redirect_master()
+        return keeper.run(cfg, listeners, unlink=True)
     ready_fd = None
     master = None
     try:

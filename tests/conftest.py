@@ -217,6 +217,7 @@ def fugue_proc(workdir):
     def start(argv, env=None, cwd=None, python=PY):
         full_env = dict(os.environ)
         full_env.pop("NOTIFY_SOCKET", None)
+        full_env.pop("INVOCATION_ID", None)  # under systemd the started process would be a keeper
         full_env["PYTHONPATH"] = ROOT
         full_env["PYTHONUNBUFFERED"] = "1"
         full_env["FUGUE_TEST_TAG"] = uuid.uuid4().hex

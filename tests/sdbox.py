@@ -161,6 +161,9 @@ class Box:
             os.symlink("/dev/null", path)
         # Wanted-by links of masked units are harmless; the ones a unit of the host's
         # own /etc enabled and this image lacks are cleaned by nothing: drop them.
+        # The unit runs fugue as www-data: this machine's Python lives under /root (0700 here).
+        # Opening /root in the overlay changes nothing outside the container.
+        os.chmod(os.path.join(m, "root"), 0o755)
         self.install_fugue()
         subprocess.run(["chroot", m, self.python, "-m", "venv", "--without-pip", "--system-site-packages", VENV],
                        check=True, capture_output=True)

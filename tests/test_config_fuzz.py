@@ -159,6 +159,7 @@ def test_extreme_values_start_cleanly_or_leave_nothing(tmp_path, name, value):
     tag = f"fuzz-{os.getpid()}-{name}"
     env = dict(os.environ, PYTHONPATH=ROOT, FUGUE_TEST_TAG=tag, SPT_NOENV="1", PYTHONUNBUFFERED="1")
     env.pop("NOTIFY_SOCKET", None)
+    env.pop("INVOCATION_ID", None)
     log = open(work / "out.log", "wb")
     proc = subprocess.Popen([PY, "-m", "fugue.ctl", "start", "-w", "1", "--bind", "127.0.0.1:0",
                              f"{ctl.flag_of(name)}={value}", "app.py"], cwd=work, env=env,
