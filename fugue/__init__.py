@@ -22,10 +22,6 @@ __version__ = "0.1.0"
 # and options from flags and the config file that win over the script's own.
 _cli_target = None
 _cli_options = None
-# Set by fuguectl start: a function that reads the config file and the flags again, for a
-# reload (fugue.reconfig); and what the script itself gave fugue.start, kept for the same.
-_reread = None
-_script_options = None
 _master = None
 
 
@@ -172,8 +168,9 @@ def _run_master(server, port, host, workers, options):
     binds = _binds(port, host)
     if binds and not opts.get("bind"):
         opts["bind"] = binds
-    global _script_options
-    _script_options = dict(opts)
+    from . import reconfig
+
+    reconfig.script_options = dict(opts)  # a reload reads the file and flags again over these
     if _cli_options:
         opts.update(_cli_options)
     cfg = config.build(opts)

@@ -461,9 +461,9 @@ def _start_or_check(args, tail):
     if not args.config and os.path.exists(os.path.join(config.start_directory(), "gunicorn.conf.py")):
         _say("fugue: note: gunicorn.conf.py is not read here; fugue's config file is TOML, given with -c")
     os.environ.update(env)  # before the master starts: the workers and an upgraded master inherit it
-    import fugue
+    from . import reconfig
 
-    fugue._reread = lambda: reread_options(args, tail)  # a reload reads the file and flags again
+    reconfig.reread_hook = lambda: reread_options(args, tail)  # a reload reads the file and flags again
     if "script" in target:
         return run_script(target["script"], options)
     cfg = config.build(options)

@@ -1,10 +1,10 @@
 """What a reload reads again, and what of it the next worker generation can carry.
 
 Who calls it: the master, when a reload (HUP, fuguectl reload, a watched change) begins.
-`fuguectl start` sets `fugue._reread`, which reads the config file (-c) and the flags
+`fuguectl start` sets `reread_hook`, which reads the config file (-c) and the flags
 again; they go over the options the script gave fugue.start when the master started
-(fugue._script_options), as at start. A master started by a script alone (no fuguectl)
-has nothing to read again: its reloads keep its options.
+(`script_options`, set by fugue.start), as at start. A master started by a script alone
+(no fuguectl) has nothing to read again: its reloads keep its options.
 
 What it promises: `reread(cfg, target)` returns a `Reread`: the Config the next
 generation runs with (the old one with every option a generation can carry replaced),
@@ -33,14 +33,16 @@ class Reread:
         return f"{', '.join(self.needs_upgrade)} changed: needs `fuguectl upgrade`"
 
 
-def reread(cfg, target):
-    import fugue
+# Set at start (see the module docstring); module state, so nothing here imports fugue itself.
+reread_hook = None
+script_options = None
 
-    hook = fugue._reread
-    if hook is None:
+
+def reread(cfg, target):
+    if reread_hook is None:
         return Reread(cfg, target, {}, [])
-    options, new_target = hook()
-    merged = dict(fugue._script_options or {})
+    options, new_target = reread_hook()
+    merged = dict(script_options or {})
     merged.update(options)
     new = config.build(merged, start_dir=cfg.start_dir)
     if not os.path.isabs(new.working_path):
