@@ -71,6 +71,8 @@ class Runtime(WorkerContext):
         self.graceful_timeout = float(self.options.get("graceful_timeout") or 30.0)
         self.draining = False
         self.lb_draining = False
+        self.lb_since = None
+        self.idle_close = False
         self.version = None
         self.graceful_deadline = None
         self.adapter = None
@@ -234,7 +236,10 @@ class Runtime(WorkerContext):
             snap = self.stats.snapshot()
             self._send(protocol.STATS_REPLY, seq=msg.get("seq"), stats=snap)
         elif kind == protocol.DRAIN:
-            self.lb_draining = bool(msg.get("on"))
+            on = bool(msg.get("on"))
+            if on and not self.lb_draining:
+                self.lb_since = time.monotonic()
+            self.lb_draining = on
         elif kind == protocol.STATUS:
             from .status import deliver_to_worker
 
@@ -250,7 +255,15 @@ class Runtime(WorkerContext):
         if self.draining:
             return
         self.draining = True
-        self.graceful_deadline = time.monotonic() + self.graceful_timeout
+        now = time.monotonic()
+        self.graceful_deadline = now + self.graceful_timeout
+        # A stop after drain_delay: every request since the drain began was answered with
+        # Connection: close, so what is still open and idle has not been used since, and load
+        # balancers had drain_delay to stop using it (HAProxy keeps idle connections to a host
+        # it marked down, unused, and would hold the stop until graceful_timeout). Half the
+        # delay as the floor: the master counts from before DRAIN reached us.
+        delay = float(self.options.get("drain_delay") or 0)
+        self.idle_close = bool(self.lb_draining and delay > 0 and now - self.lb_since >= delay / 2)
         if why:
             log.info("draining: %s", why)
         for fn in self._takedown:

@@ -11,6 +11,8 @@ import http.client
 import json
 import signal
 
+import pytest
+
 from conftest import http_get, wait_for
 from test_status import run_ctl, status_port
 
@@ -201,3 +203,23 @@ def test_health_answers_during_a_reload_and_an_upgrade(fugue_proc, workdir):
         assert (status, body["state"], body["version"]) == (200, "serving", "v1")
     assert health(sport, path="/livez")[0] == 200
     assert "accept failed" not in p.log()  # the waiting new master does not spin on its unlistened socket
+
+
+@pytest.mark.parametrize("app", ["app.py", "wsgi_app.py", "asgi_app.py"])
+def test_a_stop_after_drain_delay_closes_idle_connections(fugue_proc, workdir, app):
+    # A load balancer keeps idle connections to a host it took out (HAProxy does), unused:
+    # after drain_delay they are closed, so the stop does not wait graceful_timeout for them.
+    options = {"drain_delay": 0.5, "graceful_timeout": 600, "keep_alive": 600}  # no idle timeout either
+    if app == "app.py":
+        del options["keep_alive"]  # http.server has none
+    p = fugue_proc([app, "0", "1", json.dumps(options)]).started()
+    idle = http.client.HTTPConnection("127.0.0.1", p.port, timeout=60)
+    idle.request("GET", "/")
+    resp = idle.getresponse()
+    assert resp.status == 200 and resp.getheader("Connection") != "close"
+    resp.read()
+    p.signal(signal.SIGTERM)
+    p.wait_log(r"drain_delay over: graceful stop")
+    assert p.wait_exit() == 0  # not after graceful_timeout (600 s)
+    assert idle.sock.recv(1) == b""  # closed by the server, nothing sent on it
+    idle.close()

@@ -254,6 +254,11 @@ class AsgiAdapter(Adapter):
         servers = getattr(self.server, "servers", None) or []
         # Stop accepting once what is queued is accepted; connections are left to the drain policy.
         self._sweep = self.loop.create_task(close_after_sweep(servers))
+        if self.ctx.idle_close:  # uvicorn's own shutdown(): closes an idle HTTP connection,
+            for proto in list(self.server.server_state.connections):  # or after its response
+                cycle = getattr(proto, "cycle", False)  # websockets have none: left alone
+                if cycle is None or (cycle and cycle.response_complete):
+                    proto.shutdown()
         self._on_tick()
 
     def quick_stop(self):

@@ -16,7 +16,9 @@ What an adapter promises:
     begin_drain()   stop accepting; finish in-flight work; an idle keep-alive
                     connection is not closed under a client: its next request is
                     answered with `Connection: close`; run() returns when all is
-                    done or at ctx.graceful_deadline.
+                    done or at ctx.graceful_deadline. With ctx.idle_close (the
+                    stop follows drain_delay) idle keep-alive connections are
+                    closed at once instead: nobody has used them since the drain.
     quick_stop()    close everything now; run() returns at once.
 - While `ctx.draining or ctx.lb_draining`, HTTP responses carry `Connection:
   close` (lb_draining: drain_delay or `fuguectl drain`; the worker still accepts).
@@ -143,6 +145,7 @@ class WorkerContext:
     graceful_timeout: float
     draining: bool = False
     lb_draining: bool = False  # the host drains for load balancers: keep serving, say Connection: close
+    idle_close: bool = False   # set before begin_drain(): close idle keep-alive connections at once
     graceful_deadline: float = None  # monotonic time by which a drain must end
 
     def wake_fds(self):

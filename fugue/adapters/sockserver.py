@@ -46,6 +46,7 @@ class SocketServerAdapter(Adapter):
         self.server = target
         self._conns = set()
         self._conns_lock = threading.Lock()
+        self._idle = set()  # HTTP connections whose handler waits for the next request
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -93,15 +94,18 @@ class SocketServerAdapter(Adapter):
 
                 def handle_one_request(self):
                     self._fugue_counted = False
+                    adapter._idle.add(self.request)  # until parse_request: waiting for a request line
                     try:
                         super().handle_one_request()
                     finally:
+                        adapter._idle.discard(self.request)
                         if self._fugue_counted:
                             adapter.ctx.stats.request_finished()
                             if access is not None:
                                 self._fugue_access()
 
                 def parse_request(self):
+                    adapter._idle.discard(self.request)
                     self._fugue_started, self._fugue_wall = time.monotonic(), time.time()
                     self._fugue_status, self._fugue_sent = "-", {}
                     ok = super().parse_request()
@@ -243,6 +247,14 @@ class SocketServerAdapter(Adapter):
                     break
                 self.server._handle_request_noblock()
             sock.close()
+        if self.ctx.idle_close:
+            # SHUT_RD: a handler blocked on an idle connection reads EOF and ends; one that
+            # has just read a request line still answers it (writes are not shut).
+            for sock in list(self._idle):
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
 
     def quick_stop(self):
         self._quit = True

@@ -254,6 +254,15 @@ class WsgiAdapter(Adapter):
 
     def begin_drain(self):
         self._stop_accepting()
+        if self.ctx.idle_close:
+            for ch in self._channels():
+                if ch.request is None and not ch.requests and not ch.total_outbufs_len:
+                    # SHUT_RD, not close: bytes already queued are still read (and answered,
+                    # with Connection: close); then waitress sees EOF and closes the channel.
+                    try:
+                        ch.socket.shutdown(socket.SHUT_RD)
+                    except OSError:
+                        pass
 
     def quick_stop(self):
         self._quit = True
