@@ -9,11 +9,13 @@ worker). A keep-alive client sees `Connection: close` only while draining.
 
 import http.client
 import json
+import os
+import shutil
 import signal
 
 import pytest
 
-from conftest import http_get, wait_for
+from conftest import PY, http_get, wait_for
 from test_status import run_ctl, status_port
 
 
@@ -223,3 +225,29 @@ def test_a_stop_after_drain_delay_closes_idle_connections(fugue_proc, workdir, a
     assert p.wait_exit() == 0  # not after graceful_timeout (600 s)
     assert idle.sock.recv(1) == b""  # closed by the server, nothing sent on it
     idle.close()
+
+
+@pytest.mark.skipif(not shutil.which("unshare") or os.geteuid() != 0, reason="needs root and unshare")
+def test_drain_delay_through_the_pid1_keeper(fugue_proc, workdir):
+    # As in a Kubernetes pod: fuguectl is PID 1 (the keeper), the kubelet's TERM goes to it,
+    # and it is the master's drain_delay that keeps serving while /healthz says 503.
+    p = fugue_proc(["unshare", "--pid", "--fork", "--mount-proc", PY, "-m", "fugue.ctl", "start",
+                    "-w", "1", "--bind", "127.0.0.1:0", "--status-bind", "127.0.0.1:0",
+                    "--drain-delay", "600", "app.py"]).started()
+    sport = status_port(p)
+    p.wait_log(r"keeper: master pid \d+ started")
+    assert health(sport)[0] == 200
+    keeper = wait_for(lambda: _first_child(p.popen.pid), 15, "PID 1 of the namespace")
+    os.kill(keeper, signal.SIGTERM)
+    p.wait_log(r"draining for 600s before the graceful stop")
+    status, body, _ = health(sport)
+    assert (status, body["state"]) == (503, "draining")
+    assert http_get(p.port, "/")[0] == 200
+    os.kill(keeper, signal.SIGINT)
+    assert p.wait_exit() == 0
+
+
+def _first_child(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = f.read().split()
+    return int(children[0]) if children else None
