@@ -370,6 +370,8 @@ def borrowed_flags(args):
         binds.append(f"fd:{args.uv_fd}")
     if binds:
         args.bind = (args.bind or []) + binds
+    if args.bind:  # gunicorn spells an inherited descriptor fd://N
+        args.bind = [f"fd:{b[5:]}" if b.startswith("fd://") else b for b in args.bind]
 
 
 def environment(args):
