@@ -22,13 +22,20 @@ __version__ = "0.1.0"
 # and options from flags and the config file that win over the script's own.
 _cli_target = None
 _cli_options = None
-_master = None
 
 
 def _in_worker():
+    # Imported when called, not at the top: `import fugue` in an app stays cheap.
     from . import worker
 
     return worker.current
+
+
+def _in_master():
+    # Imported when called, not at the top: a worker never imports the master.
+    from . import master
+
+    return master.current
 
 
 def worker_id():
@@ -42,7 +49,8 @@ def generation():
     rt = _in_worker()
     if rt:
         return rt.generation
-    return _master.generation if _master else None
+    m = _in_master()
+    return m.generation if m else None
 
 
 def ready():
@@ -88,10 +96,11 @@ def server_status(timeout=2.0):
     rt = _in_worker()
     if rt:
         return rt.server_status(timeout)
-    if _master is not None:
+    m = _in_master()
+    if m is not None:
         from .status import collect
 
-        return collect(_master)
+        return collect(m)
     return None
 
 

@@ -21,6 +21,8 @@ import logging
 import os
 import time
 
+from .daemon import journal_stream_is
+
 log = logging.getLogger("fugue")
 
 # gunicorn's default access_log_format.
@@ -73,21 +75,6 @@ def basic_auth_user(authorization):
         return base64.b64decode(authorization[6:].strip()).decode("utf-8", "replace").split(":", 1)[0] or None
     except (binascii.Error, ValueError):
         return None
-
-
-def journal_stream_is(fd):
-    """True if `fd` is systemd's journal stream: JOURNAL_STREAM=DEV:INODE matches fstat(fd).
-
-    Then each line may carry its syslog priority as a `<N>` prefix (sd-daemon(3))."""
-    value = os.environ.get("JOURNAL_STREAM")
-    if not value:
-        return False
-    try:
-        dev, ino = (int(part) for part in value.split(":"))
-        st = os.fstat(fd)
-    except (ValueError, OSError):
-        return False
-    return (st.st_dev, st.st_ino) == (dev, ino)
 
 
 class AccessLog:

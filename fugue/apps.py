@@ -13,22 +13,23 @@
     hostnames = ["example.com", "*.example.com"]
     script = "www.py"
 
-Who calls it: fugue.router (start, HUP, `add`). `load(path)` returns a frozen
-RouterConfig or raises ConfigError naming the file, the app and the key; it
-touches nothing but the file. `app_master_main` is the entry point of each
-app's master (`python -m fugue._appboot`), an ordinary fugue master whose one
-listener is the app's inbox.
+Who calls it: fugue.router (start, HUP, `add`) and fugue._appboot. `load(path)`
+returns a frozen RouterConfig or raises ConfigError naming the file, the app and
+the key; it touches nothing but the file. Each app's master is `python -m
+fugue._appboot` with app_master_env: an ordinary fugue master whose one listener
+is the app's inbox.
 """
 
 import dataclasses
 import json
 import os
 import re
-import sys
 
 from . import config
-from .errors import ConfigError, FugueError
+from .errors import ConfigError
+from .protocol import ENV_UPGRADE_FROM, ENV_UPGRADE_SOCK
 from .sniff import HostTable
+from .workers import put_fugue_on_path
 
 # Options of the router itself: name, kind (as in config.OPTIONS), default, help.
 ROUTER_OPTIONS = [
@@ -206,45 +207,9 @@ ENV_APP = "FUGUE_APP"
 def app_master_env(spec, inbox_fd, start_dir, notify_path):
     """The environment of an app's master: its spec as JSON, the inbox descriptor, NOTIFY_SOCKET."""
     env = {k: v for k, v in os.environ.items() if k not in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
-                                                         "FUGUE_UPGRADE_SOCK", "FUGUE_UPGRADE_FROM")}
+                                                         ENV_UPGRADE_SOCK, ENV_UPGRADE_FROM)}
     env[ENV_APP] = json.dumps({"name": spec.name, "target": spec.target, "options": spec.options,
                                "start_dir": start_dir, "inbox": inbox_fd})
     env["NOTIFY_SOCKET"] = notify_path
-    import fugue
-
-    home = os.path.dirname(os.path.dirname(os.path.abspath(fugue.__file__)))
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if home not in paths:
-        env["PYTHONPATH"] = os.pathsep.join([home] + paths)
+    put_fugue_on_path(env)
     return env
-
-
-def app_master_main():
-    """`python -m fugue._appboot`: run one app's master on the inbox it inherited.
-
-    FUGUE_APP stays in the environment: a USR2 upgrade re-execs this same
-    command, and the new master takes the inbox over the handoff socket.
-    """
-    from . import daemon
-    from .run import run_master
-
-    try:
-        spec = json.loads(os.environ[ENV_APP])
-        name = spec["name"]
-        # One log for the router and every app: say whose master a line is from.
-        daemon.LOG_FORMAT = daemon.LOG_FORMAT.replace("[master]", f"[master {name}]")
-        options = dict(spec["options"])
-        options["bind"] = [f"inbox:{spec['inbox']}"]
-        cfg = config.build(options, start_dir=spec["start_dir"])
-        status = run_master(cfg, spec["target"])
-    except FugueError as e:
-        from . import notify
-
-        notify.claim()
-        notify.send(f"STATUS=start failed: {e}")  # the router says why the app did not start
-        print(f"fugue: {e}", file=sys.stderr)
-        sys.stderr.flush()
-        os._exit(e.status)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status or 0)

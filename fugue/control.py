@@ -17,6 +17,7 @@ import time
 
 from . import protocol
 from .config import MAX_WORKERS
+from .errors import Refused
 from .fds import bind_unix_path, connect_unix_path, peer_credentials
 from .policy import LIVE
 
@@ -138,8 +139,6 @@ class ControlServer:
 
     def handle(self, conn, msg):
         """Run one command; a refusal or a failure is the reply, never the owner's death."""
-        from .master import Refused
-
         cmd = msg.get("cmd")
         try:
             self.dispatch(conn, msg)

@@ -17,7 +17,7 @@ a running master is reached through its control socket, found from the pid file.
 
 `fuguectl start` must be re-runnable as it is: on USR2 the master re-execs its
 own command line (sys.orig_argv) from the start directory, and the new master,
-seeing FUGUE_UPGRADE_SOCK, takes the listeners instead of binding and does not
+seeing FUGUE_UPGRADE_SOCK (fugue.upgrade), takes the listeners instead of binding and does not
 daemonize again. So everything here is derived from argv, the files and $PWD.
 """
 
@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from . import __version__, config
+from . import __version__, config, protocol
 from .errors import ConfigError, FugueError
 
 EXIT_FAILED = 1
@@ -422,29 +422,10 @@ def start_or_check(args, tail):
     try:
         return _start_or_check(args, tail)
     except FugueError as e:
-        _report_to_old_master(str(e))
+        from .upgrade import report_failure
+
+        report_failure(str(e))  # a new master exec'd by USR2 tells the old one why it cannot start
         raise
-
-
-def _report_to_old_master(reason):
-    """A new master (USR2) that fails before taking the listeners tells the old one why,
-    so `fuguectl upgrade` shows the reason (a bad config file, an app that no longer imports)."""
-    path = os.environ.pop("FUGUE_UPGRADE_SOCK", None)
-    if not path:
-        return
-    from . import protocol
-    from .fds import connect_unix_path, recv_with_fds
-
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
-            sock.settimeout(5.0)
-            connect_unix_path(sock, path)
-            _, fds = recv_with_fds(sock, protocol.MAX_FRAME)
-            for fd in fds:
-                os.close(fd)
-            sock.send(protocol.encode(protocol.FAILED, reason=reason))
-    except OSError:
-        pass
 
 
 def _start_or_check(args, tail):
@@ -540,7 +521,7 @@ def check_target(target, cfg):
         home = os.path.dirname(os.path.dirname(os.path.abspath(fugue.__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([home] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        for key in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "FUGUE_UPGRADE_SOCK"):
+        for key in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", protocol.ENV_UPGRADE_SOCK):
             env.pop(key, None)
         plain = {k: v for k, v in cfg.public().items() if isinstance(v, (str, int, float, bool, list, type(None)))}
         wd = working_dir(cfg)

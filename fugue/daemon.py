@@ -17,7 +17,6 @@ import signal
 import sys
 import time
 
-from .accesslog import journal_stream_is
 from .errors import FugueError
 
 log = logging.getLogger("fugue")
@@ -163,6 +162,21 @@ def remove_pid(path, pid=None):
 
 
 # -- logs ----------------------------------------------------------------------
+
+def journal_stream_is(fd):
+    """True if `fd` is systemd's journal stream: JOURNAL_STREAM=DEV:INODE matches fstat(fd).
+
+    Then each line may carry its syslog priority as a `<N>` prefix (sd-daemon(3))."""
+    value = os.environ.get("JOURNAL_STREAM")
+    if not value:
+        return False
+    try:
+        dev, ino = (int(part) for part in value.split(":"))
+        st = os.fstat(fd)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
 
 def open_log(path):
     """An O_APPEND descriptor for a log file (created 0640), close-on-exec.

@@ -1,4 +1,9 @@
-"""The one exception type a user sees: its message is one line, shown without a traceback."""
+"""fugue's exceptions. Who imports it: any module (it imports nothing of fugue).
+
+FugueError is the one type a user sees: its message is one line, shown without
+a traceback. Refused is a command that cannot run now; the master and the
+router log it, or send it as the control reply.
+"""
 
 
 class FugueError(Exception):
@@ -18,3 +23,7 @@ class ConfigError(FugueError):
 
     def __init__(self, message):
         super().__init__(message, status=2)
+
+
+class Refused(Exception):
+    """A command that cannot run now ('reload already in progress'); the text says why."""

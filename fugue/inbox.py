@@ -37,9 +37,13 @@ __all__ = ["Inbox", "inbox_pair", "send_connection", "take_back", "wrap_listener
 
 
 class Inbox(socket.socket):
-    """The worker's end of an inbox, used wherever a listening socket is."""
+    """The worker's end of an inbox, used wherever a listening socket is.
 
-    __slots__ = ()
+    `on_eof` (set by wrap_listeners) is called when the router has closed the
+    inbox: the worker's to decide what that means (it drains).
+    """
+
+    __slots__ = ("on_eof",)
 
     @property
     def type(self):
@@ -70,7 +74,9 @@ class Inbox(socket.socket):
         while True:
             data, fds = recv_with_fds(self, 4096, 1)
             if not data and not fds:
-                _router_gone()
+                on_eof = getattr(self, "on_eof", None)
+                if on_eof is not None:
+                    on_eof()
                 raise ConnectionAbortedError("the router closed the inbox")
             try:
                 info = protocol.decode(data).get("info") or {}
@@ -103,17 +109,6 @@ class RoutedSocket(socket.socket):
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.routed_host = None
-
-
-def _router_gone():
-    # EOF: the router is gone and nothing will arrive again. The inbox stays
-    # readable at EOF, so an adapter would spin on it: drain the worker as if
-    # its master had gone (its master is going too: it dies with the router).
-    from . import worker
-
-    rt = worker.current
-    if rt is not None and not rt.draining:
-        rt._stop("graceful", "the router closed the inbox")
 
 
 def inbox_pair():
@@ -166,13 +161,19 @@ _PLAIN = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
 _CONN = b'{"type":"conn","info":{"peer":["%s",%d],"host":"%s","via":"%s"}}'
 
 
-def wrap_listeners(fds, described):
+def wrap_listeners(fds, described, on_eof=None):
     """Worker side: socket objects for the descriptors of HELLO, inboxes as Inbox.
 
-    `described` is HELLO's list of Listener.describe() dicts, in descriptor order.
+    `described` is HELLO's list of Listener.describe() dicts, in descriptor order;
+    `on_eof()` is called when the router closes an inbox.
     """
     out = []
     for i, fd in enumerate(fds):
         item = described[i] if i < len(described) and isinstance(described[i], dict) else {}
-        out.append(Inbox(fileno=fd) if item.get("family") == "inbox" else socket.socket(fileno=fd))
+        if item.get("family") == "inbox":
+            inbox = Inbox(fileno=fd)
+            inbox.on_eof = on_eof
+            out.append(inbox)
+        else:
+            out.append(socket.socket(fileno=fd))
     return out

@@ -43,6 +43,7 @@ from . import notify
 from .errors import FugueError
 from .fds import close_listeners
 from .loop import Loop
+from .protocol import ENV_UPGRADE_SOCK
 from .workers import _place_listen_fds, child_signals, describe_status, fork_quietly, reaped
 
 log = logging.getLogger("fugue")
@@ -224,7 +225,7 @@ class Keeper:
             except OSError:
                 continue
             # Before its title is set, a new master is known by the handoff path it was given.
-            upgrading = any(v.startswith(b"FUGUE_UPGRADE_SOCK=") for v in environ)
+            upgrading = any(v.startswith(ENV_UPGRADE_SOCK.encode() + b"=") for v in environ)
             if _alive(child) and (title.startswith(b"fugue master") or upgrading):
                 return child
         return None

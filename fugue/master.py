@@ -16,20 +16,21 @@ import logging
 import os
 import shutil
 import signal
-import socket
-import sys
 import time
 
-from . import notify, policy, protocol, workers
-from .errors import FugueError
-from .fds import (Listener, bind_unix_path, check_private_parent, close_listeners, connect_unix_path,
-                  peer_credentials, private_dir, read_messages, recv_with_fds, refuse_new_clients,
-                  send_with_fds)
+from . import notify, policy, protocol, upgrade, workers
+from .errors import FugueError, Refused
+from .fds import check_private_parent, close_listeners, recv_with_fds, refuse_new_clients, send_with_fds
 from .health import Drain
 from .loop import Loop
 from .policy import WorkerState
+from .shell import PidFile
 
 log = logging.getLogger("fugue")
+
+# The master of this process, once set up: what fugue.generation() and
+# fugue.server_status() read in the master (as worker.current in a worker).
+current = None
 
 SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
            signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGCHLD)
@@ -63,10 +64,6 @@ class Worker:
         return f"worker {self.slot} (pid {self.pid}, generation {self.generation})"
 
 
-class Refused(Exception):
-    """A command that cannot run now ('reload already in progress'); the text says why."""
-
-
 class Rollout:
     """A generation being rolled out: by a reload, or the first one at start."""
 
@@ -78,21 +75,6 @@ class Rollout:
         self.waiters = []   # callables(ok, text), e.g. control clients
 
 
-class Upgrade:
-    """The USR2 handoff, old master's side."""
-
-    def __init__(self, pid, directory, server, now, deadline):
-        self.pid = pid
-        self.directory = directory
-        self.server = server
-        self.conn = None
-        self.started = now
-        self.deadline = deadline
-        self.reason = None
-        self.stepped_down = False
-        self.waiters = []
-
-
 class Master:
     def __init__(self, cfg, listeners, target, identity, logs, ready_fd=None,
                  handoff=None, first_generation=1, daemonized=False):
@@ -102,8 +84,7 @@ class Master:
         self.identity = identity
         self.logs = logs
         self.ready_fd = ready_fd
-        self.handoff = handoff          # new master: connection to the old one
-        self.old_master = int(os.environ.pop("FUGUE_UPGRADE_FROM", 0) or 0) if handoff else None
+        self.handoff = handoff          # new master: its upgrade.Handoff to the old one
         self.daemonized = daemonized
         self.loop = Loop()
         self.workers = {}               # pid -> Worker
@@ -115,12 +96,11 @@ class Master:
         self.failures = {}              # slot -> consecutive early deaths
         self.not_before = {}            # slot -> earliest respawn (monotonic)
         self.stopping = None            # None, "graceful" or "quick"
-        self.stepped_down = False
         self.exit_status = 0
         self.started = time.monotonic()
         self.started_wall = time.time()
         self.last_event = None          # (what, ok, text, when) of the last reload/upgrade
-        self.pid_file = cfg.path("pid_file")
+        self.pid_file = PidFile(cfg.path("pid_file"))
         self.name = cfg.name or default_name(target)
         self.run_dir = None
         self.control = None
@@ -152,6 +132,8 @@ class Master:
 
     def setup(self):
         """Everything that can fail before the loop starts; FugueError on failure."""
+        global current
+        current = self
         self._make_run_dir()
         try:
             import setproctitle
@@ -160,15 +142,13 @@ class Master:
         except ImportError:
             pass
         if not self.handoff:
-            from .daemon import write_pid
-
-            write_pid(self.pid_file)
+            self.pid_file.write()
         from . import control
 
         self.control = control.ControlServer(self, os.path.join(self.run_dir, "control.sock"))
         self.loop.add_reader(self.control.sock, self.control.accept)
         if self.handoff is not None:
-            self.loop.add_reader(self.handoff, self._on_handoff_message)
+            self.loop.add_reader(self.handoff.sock, self._on_handoff_message)
         if self.cfg.watch:
             self._start_watcher()
         if self.cfg.status_bind:
@@ -182,7 +162,7 @@ class Master:
 
         paths = [os.path.join(self.cfg.start_dir, p) for p in self.cfg.watch_paths] or [self.app_dir()]
         ignore = [p for p in (self.cfg.path("log_file"), self.cfg.path("master_log_file"),
-                              self.cfg.path("tmp_path"), self.pid_file) if p]
+                              self.cfg.path("tmp_path"), self.pid_file.path) if p]
         self.watcher = Watcher(paths, include=self.cfg.watch_include, exclude=self.cfg.watch_exclude,
                                settle=self.cfg.watch_settle, ignore_paths=ignore)
         self.watcher.start()
@@ -220,7 +200,8 @@ class Master:
 
         Timers first: a due one may start a rollout (watch) that decide must see now.
         """
-        timers = [self._upgrade_deadline(), self._watch_deadline(),
+        timers = [self.upgrade.check_deadline(time.monotonic()) if self.upgrade else None,
+                  self._watch_deadline(),
                   self.control.deadline() if self.control else None, self.drain.tick()]
         for _ in range(4):
             now = time.monotonic()
@@ -505,7 +486,7 @@ class Master:
             return f"generation {self.rollout.generation} is still starting"
         if self.upgrade is not None:
             return "an upgrade is in progress"
-        if self.handoff is not None and not initial and self.old_master:
+        if not initial and self.old_master_draining():
             return "the old master is still draining"
         old = sorted({w.generation for w in self.workers.values()
                       if w.state is not WorkerState.STARTING and w.generation != self.generation})
@@ -524,13 +505,11 @@ class Master:
             waiter(True, text)
         if rollout.initial:
             self.ready_fd = self._tell_launcher(True, str(os.getpid()))
-            if self.handoff is not None and self.old_master:
-                self._send_handoff(protocol.NEW_READY)
+            if self.old_master_draining():
+                self.handoff.tell_ready()
             else:
                 if self.handoff is not None:  # the old master died while we started: the pid file is ours
-                    from .daemon import write_pid
-
-                    write_pid(self.pid_file)
+                    self.pid_file.write()
                 notify.send("READY=1", f"MAINPID={os.getpid()}", f"STATUS={text}")
         else:
             notify.send("READY=1", f"STATUS={text}")
@@ -553,8 +532,8 @@ class Master:
             log.error("%s", text)
             self.last_event = ("start", False, text, time.time())
             # The launcher hears it from shutdown(), once nothing is left behind.
-            if self.handoff is not None and self.old_master:  # so `fuguectl upgrade` shows why
-                self._send_handoff(protocol.FAILED, reason=reason)
+            if self.old_master_draining():  # so `fuguectl upgrade` shows why
+                self.handoff.tell_failed(reason)
             for waiter in rollout.waiters:
                 waiter(False, text)
             self.exit_status = 1
@@ -608,222 +587,58 @@ class Master:
     # -- upgrade: USR2 ------------------------------------------------------------------
 
     def begin_upgrade(self, waiter=None):
-        """Exec a new master that takes the listeners over the temp-path socket."""
-        if self.stopping or self.drain.stop_at is not None:  # an upgrade would undo the stop
-            raise Refused("upgrade refused: the master is stopping")
-        if self.upgrade is not None:
-            raise Refused("upgrade refused: an upgrade is already in progress")
-        if self.rollout is not None:
-            raise Refused("upgrade refused: a reload is in progress")
-        if self.handoff is not None and self.old_master:
-            raise Refused("upgrade refused: the old master is still draining")
-        # Named by our pid, so that the next master can sweep it if we are killed mid-upgrade.
-        directory = private_dir(self.cfg.path("tmp_path"), f"fugue-upgrade-{os.getpid()}-")
-        path = os.path.join(directory, "handoff.sock")
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            bind_unix_path(server, path)
-            os.chmod(path, 0o600)
-            server.listen(1)
-            server.setblocking(False)
-            env = dict(os.environ)
-            env["FUGUE_UPGRADE_SOCK"] = path
-            env["FUGUE_UPGRADE_FROM"] = str(os.getpid())
-            if notify.address():
-                env["NOTIFY_SOCKET"] = notify.address()
-            argv = [sys.executable] + list(getattr(sys, "orig_argv", sys.argv))[1:]
-            pid = workers.fork_quietly()
-            if pid == 0:
-                try:
-                    workers.child_signals(self.loop)
-                    os.chdir(self.cfg.start_dir)
-                    os.execve(argv[0], argv, env)
-                finally:
-                    os._exit(127)
-        except BaseException:
-            server.close()
-            shutil.rmtree(directory, ignore_errors=True)
-            raise
-        now = time.monotonic()
-        self.upgrade = Upgrade(pid, directory, server, now, now + self.cfg.ready_timeout + 10.0)
+        """USR2, fuguectl upgrade: exec a new master that takes the listeners (see fugue.upgrade)."""
+        # During drain_delay the stop is decided: an upgrade would undo it.
+        why = upgrade.refusal(self.stopping or self.drain.stop_at is not None, self.upgrade is not None,
+                              self.rollout is not None, self.old_master_draining())
+        if why:
+            raise Refused(why)
+        self.upgrade = upgrade.begin(self.cfg, self.loop, self.pid_file, self.listeners, self.generation)
         if waiter:
             self.upgrade.waiters.append(waiter)
-        self.loop.add_reader(server, self._on_handoff_connect)
-        notify.send("RELOADING=1", "STATUS=upgrading: new master starting",
-                    f"MONOTONIC_USEC={int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)}")
-        log.info("upgrade: started new master pid %d", pid)
+        self.loop.add_reader(self.upgrade.server, self._on_handoff_connect)
 
     def _on_handoff_connect(self):
-        up = self.upgrade
-        try:
-            conn, _ = up.server.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        pid, uid, _ = peer_credentials(conn)
-        if up.conn is not None or pid != up.pid or uid != os.getuid():
-            log.warning("upgrade: refused a handoff connection from pid %d uid %d", pid, uid)
-            conn.close()
-            return
-        up.conn = conn
-        manifest = protocol.manifest([lst.describe() for lst in self.listeners], self.generation)
-        try:
-            send_with_fds(conn, manifest, [lst.fileno() for lst in self.listeners])
-        except OSError as e:
-            log.error("upgrade: cannot send the listeners: %s", e)
-        # The connection is made: nobody else needs the path any more.
-        self._remove_upgrade_path()
-        conn.setblocking(False)
-        self.loop.add_reader(conn, self._on_upgrade_message)
-        log.info("upgrade: listeners handed to pid %d", pid)
-
-    def _remove_upgrade_path(self):
-        up = self.upgrade
-        if up.server is not None:
-            self.loop.remove_reader(up.server)
-            up.server.close()
-            up.server = None
-        shutil.rmtree(up.directory, ignore_errors=True)
+        conn = self.upgrade.accept()
+        if conn is not None:
+            self.loop.add_reader(conn, self._on_upgrade_message)
 
     def _on_upgrade_message(self):
-        up = self.upgrade
-        messages, eof = read_messages(
-            up.conn, lambda e: log.warning("upgrade: bad message from the new master: %s", e))
-        for msg in messages:
-            if msg["type"] == protocol.FAILED:
-                up.reason = str(msg.get("reason"))[:2000]
-            elif msg["type"] == protocol.NEW_READY and not up.stepped_down:
-                self.step_down()
-        if eof:
-            self.loop.remove_reader(up.conn)
+        if self.upgrade.read():
+            self.step_down()
+
+    @property
+    def stepped_down(self):
+        """The new master serves: this one drains and exits (and unlinks no listener)."""
+        return self.upgrade is not None and self.upgrade.stepped_down
 
     def step_down(self):
         """The new master is ready: give it the pid file and drain our workers."""
-        up = self.upgrade
-        up.stepped_down = True
-        try:
-            os.replace(self.pid_file, self.pid_file + ".oldbin")
-        except OSError as e:
-            log.warning("upgrade: cannot rename the pid file: %s", e)
-        try:
-            up.conn.send(protocol.encode(protocol.STEPPED_DOWN))
-        except OSError:
-            pass
-        text = f"new master pid {up.pid} serving ({time.monotonic() - up.started:.2f}s)"
+        text = self.upgrade.step_down()
         self.last_event = ("upgrade", True, text, time.time())
-        log.info("upgrade done: %s; this master drains and exits", text)
-        for waiter in up.waiters:
-            waiter(True, text)
-        up.waiters = []
-        self.stepped_down = True
         self.begin_stop("graceful", handed_over=True)
 
     def upgrade_exited(self, status):
-        up = self.upgrade
-        self.upgrade = None
-        desc = workers.describe_status(status)
-        if up.server is not None or not up.stepped_down:
-            if up.server is not None:
-                self.loop.remove_reader(up.server)
-                up.server.close()
-            shutil.rmtree(up.directory, ignore_errors=True)
-        if up.conn is not None and up.reason is None:
-            # Its last words (FAILED) may still be unread: the reap runs before the readers.
-            for msg in read_messages(up.conn)[0]:
-                if msg["type"] == protocol.FAILED:
-                    up.reason = str(msg.get("reason"))[:2000]
-        if up.conn is not None:
-            self.loop.remove_reader(up.conn)
-            up.conn.close()
-        # Killed, it could not remove its own run directory: nobody else will.
-        shutil.rmtree(os.path.join(self.cfg.path("tmp_path"), f"fugue-{up.pid}"), ignore_errors=True)
-        if not up.stepped_down:
-            text = (f"upgrade failed: new master pid {up.pid} {desc}"
-                    f"{': ' + up.reason if up.reason else ' (see the log above)'}; "
-                    f"pid {os.getpid()} keeps serving")
-            log.error("%s", text)
+        up, self.upgrade = self.upgrade, None
+        text = up.exited(status)
+        if text is not None:  # failed: the old master (we) goes on as if nothing happened
             self.last_event = ("upgrade", False, text, time.time())
-            notify.send("READY=1", f"STATUS={text}")
-            for waiter in up.waiters:
-                waiter(False, text)
             return
-        # The new master died after we handed over: take the service back.
-        log.error("new master pid %d %s after taking over; this master (pid %d) resumes serving",
-                  up.pid, desc, os.getpid())
-        try:
-            os.replace(self.pid_file + ".oldbin", self.pid_file)
-        except OSError:
-            from .daemon import write_pid
-
-            write_pid(self.pid_file)
-        self.stepped_down = False
+        # The new master died after we handed over: we serve again.
         self.stopping = None
         self.exit_status = 0
-        notify.send("READY=1", f"MAINPID={os.getpid()}")
         # Our draining workers cannot take up serving again (they closed their listeners; a
         # STOP is never cancelled, a non-graceful one is a quick stop that cut their requests
         # off): they finish what they have and exit, and decide() fills their slots afresh.
 
-    def _upgrade_deadline(self):
-        up = self.upgrade
-        if up is None or up.stepped_down:
-            return None
-        if time.monotonic() >= up.deadline:
-            log.error("upgrade: new master pid %d not ready after %.0fs; killing it",
-                      up.pid, up.deadline - up.started)
-            up.reason = up.reason or f"not ready after {up.deadline - up.started:.0f}s"
-            try:
-                os.kill(up.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            return None
-        return up.deadline
-
     # new master's side ----------------------------------------------------------------
 
-    def _send_handoff(self, kind, **fields):
-        try:
-            self.handoff.send(protocol.encode(kind, **fields))
-        except OSError:
-            self._take_over("the old master is gone")
+    def old_master_draining(self):
+        """New master: the old master may still run (it drains), so no reload or upgrade yet."""
+        return self.handoff is not None and self.handoff.old_master_draining
 
     def _on_handoff_message(self):
-        messages, eof = read_messages(self.handoff)
-        for msg in messages:
-            self._on_old_master_message(msg)
-        if eof:
-            self.loop.remove_reader(self.handoff)
-            if self.old_master:
-                self._take_over(f"old master pid {self.old_master} exited")
-
-    def _on_old_master_message(self, msg):
-        if msg["type"] == protocol.STEPPED_DOWN:
-            from .daemon import write_pid
-
-            write_pid(self.pid_file)
-            notify.send(f"MAINPID={os.getpid()}", "READY=1",
-                        f"STATUS=generation {self.generation} serving (upgraded)")
-            log.info("upgrade: took over from pid %d; pid file written", self.old_master)
-
-    def _take_over(self, why):
-        """The old master is gone: we are the only one now."""
-        if self.old_master is None:
-            return
-        log.info("%s", why)
-        old, self.old_master = self.old_master, None
-        self.handoff.close()
-        from .daemon import read_pid, remove_pid, write_pid
-
-        # Killed with SIGKILL, the old master left its run directory and perhaps its .oldbin.
-        shutil.rmtree(os.path.join(self.cfg.path("tmp_path"), f"fugue-{old}"), ignore_errors=True)
-        remove_pid(self.pid_file + ".oldbin", old)
-
-        try:
-            current = read_pid(self.pid_file)
-        except FugueError:
-            current = None
-        if current != os.getpid() and self.rollout is None:
-            write_pid(self.pid_file)
-            notify.send(f"MAINPID={os.getpid()}", "READY=1")
+        self.handoff.read(self.loop, self.generation, starting=self.rollout is not None)
 
     # -- signals and commands -------------------------------------------------------------
 
@@ -902,11 +717,8 @@ class Master:
                 refuse_new_clients(self.listeners)
             close_listeners(self.listeners, unlink=True)
             self.listeners = []
-        if self.upgrade is not None and not self.upgrade.stepped_down:
-            try:
-                os.kill(self.upgrade.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if self.upgrade is not None:
+            self.upgrade.abort()
         if how == "quick":
             for w in self.workers.values():
                 w.state = WorkerState.KILLED
@@ -915,8 +727,6 @@ class Master:
     # -- exit ------------------------------------------------------------------------------
 
     def shutdown(self):
-        from .daemon import remove_pid
-
         for w in list(self.workers.values()):
             self._signal(w, signal.SIGKILL)
         for pid in list(self.workers):
@@ -929,10 +739,7 @@ class Master:
         if self.control is not None:
             self.control.close()
         close_listeners(self.listeners, unlink=not self.stepped_down)
-        if self.stepped_down:
-            remove_pid(self.pid_file + ".oldbin")
-        else:
-            remove_pid(self.pid_file)
+        self.pid_file.remove(handed_over=self.stepped_down)
         if self.run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         self.loop.close()
@@ -968,26 +775,3 @@ def default_name(target):
     if "command" in target:
         return os.path.basename(target["command"][0])
     return target.get("module") or target.get("app") or "fugue"
-
-
-def connect_handoff(path):
-    """New master: fetch the listeners from the old master over the temp-path socket."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sock.settimeout(30)
-    try:
-        connect_unix_path(sock, path)
-        pid, uid, _ = peer_credentials(sock)
-        expected = int(os.environ.get("FUGUE_UPGRADE_FROM", 0) or 0)
-        if uid != os.getuid() or (expected and pid != expected):
-            raise FugueError(f"handoff socket {path} belongs to pid {pid} uid {uid}, not our old master")
-        data, fds = recv_with_fds(sock, protocol.MAX_FRAME)
-        msg = protocol.decode(data)
-        items = protocol.check_manifest(msg, len(fds))
-    except (OSError, protocol.ProtocolError) as e:
-        sock.close()
-        raise FugueError(f"upgrade: cannot take the listeners from the old master: {e}") from None
-    listeners = [Listener(socket.socket(fileno=fd), item["name"], item.get("spec", item["name"]))
-                 for fd, item in zip(fds, items)]
-    sock.settimeout(None)
-    sock.setblocking(False)
-    return sock, listeners, int(msg.get("generation") or 0) + 1

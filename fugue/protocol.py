@@ -40,6 +40,9 @@ STATUS_REQUEST = "status_request"  # {"seq"}: answer with STATUS
 MANIFEST = "manifest"    # {"version", "listeners": [...], "generation"} + descriptors
 NEW_READY = "new_ready"  # new master: my workers are READY, step down
 STEPPED_DOWN = "stepped_down"  # old master: pid file renamed; write yours
+# The environment of a new master exec'd by USR2 (see fugue.upgrade)
+ENV_UPGRADE_SOCK = "FUGUE_UPGRADE_SOCK"   # the handoff socket's path
+ENV_UPGRADE_FROM = "FUGUE_UPGRADE_FROM"   # the old master's pid
 
 
 class ProtocolError(Exception):

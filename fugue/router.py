@@ -41,12 +41,11 @@ import time
 
 from . import apps as appconf
 from . import notify, policy, protocol
-from .errors import ConfigError, FugueError
+from .errors import ConfigError, FugueError, Refused
 from .fds import bind_unix_path, close_listeners, connect_unix_path
 from .inbox import inbox_pair, send_connection, take_back
 from .control import ControlServer
 from .loop import Loop
-from .master import Refused
 from .sniff import NEED_MORE, SniffError, sniff
 from .workers import describe_status, reaped
 
@@ -931,6 +930,13 @@ class Router:
             entry[1](ok, text, data)
 
 
+class RouterControl(ControlServer):
+    """The control socket (0600, SO_PEERCRED, silent clients cut off), with the router's commands."""
+
+    def dispatch(self, conn, msg):
+        self.master.command(conn, msg)
+
+
 # -- helpers ---------------------------------------------------------------------------
 
 def load_hook(spec):
@@ -1135,10 +1141,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-class RouterControl(ControlServer):
-    """The control socket (0600, SO_PEERCRED, silent clients cut off), with the router's commands."""
-
-    def dispatch(self, conn, msg):
-        self.master.command(conn, msg)

@@ -9,11 +9,12 @@ import logging
 import os
 import sys
 
-from . import keeper, notify
+from . import keeper, notify, upgrade
 from .config import DEFAULT_TMP_PATHS
 from .daemon import Logs, check_pid_file, daemonize, setup_logging, tell_launcher
 from .errors import FugueError
 from .fds import close_listeners, open_listeners, systemd_listeners
+from .shell import PidFile
 from .workers import Identity
 
 log = logging.getLogger("fugue")
@@ -41,7 +42,7 @@ def check_paths(cfg):
 
 def run_master(cfg, target):
     """Bind (or adopt, or take over on upgrade), daemonize, run the loop. Returns the exit status."""
-    from .master import Master, connect_handoff
+    from .master import Master
 
     setup_logging(cfg.verbose, cfg.log_level, cfg.log_format)
     logging.raiseExceptions = False  # a full disk must not turn log lines into tracebacks
@@ -49,22 +50,18 @@ def run_master(cfg, target):
     identity = Identity(cfg.uid, cfg.gid)
     logs = Logs(cfg.path("log_file"), cfg.path("master_log_file"))
     logs.open()
-    upgrade_path = os.environ.pop("FUGUE_UPGRADE_SOCK", None)
+    upgrade_path = upgrade.from_environment()
     handoff = None
     first_generation = 1
     if upgrade_path:
-        handoff, listeners, first_generation = connect_handoff(upgrade_path)
+        handoff, listeners, first_generation = upgrade.connect(
+            upgrade_path, PidFile(cfg.path("pid_file")), cfg.path("tmp_path"))
         from .reconfig import follow_bind  # USR2 applies a changed bind
 
         try:
             listeners = follow_bind(listeners, cfg)
         except FugueError as e:
-            from . import protocol
-
-            try:  # so `fuguectl upgrade` and the old master's log say why
-                handoff.send(protocol.encode(protocol.FAILED, reason=str(e)))
-            except OSError:
-                pass
+            handoff.report(str(e))  # so `fuguectl upgrade` and the old master's log say why
             close_listeners(listeners)
             raise
     else:
@@ -92,9 +89,6 @@ def run_master(cfg, target):
         notify.claim()
         master = Master(cfg, listeners, target, identity, logs, ready_fd=ready_fd, handoff=handoff,
                         first_generation=first_generation, daemonized=cfg.daemonize)
-        import fugue
-
-        fugue._master = master
         master.setup()
         ready_fd = None  # the master owns it now
         status = master.run()
@@ -107,9 +101,7 @@ def run_master(cfg, target):
         if master is None or master.run_dir is None:
             close_listeners(listeners, unlink=not upgrade_path)
         if master is not None and master.control is None:
-            from .daemon import remove_pid
-
-            remove_pid(cfg.path("pid_file"))
+            master.pid_file.remove()
         if cfg.daemonize and not upgrade_path:
             log.error("%s", e)
             os._exit(e.status)

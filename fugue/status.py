@@ -1,23 +1,15 @@
 """The aggregated status of a master and its workers, as plain data.
 
-Who calls it: the control socket (fuguectl status), the management HTTP
-listener (fugue.statushttp), and workers asking through fugue.server_status().
-Counters are the workers' own (sent on request and with heartbeats) summed here.
-
-A worker asks on its channel (STATUS_REQUEST) and the master answers there
-(STATUS) once every worker has sent fresh counters. The channel is read by the
-adapter's loop thread: a request made from that thread reads the channel itself
-until the answer comes; one made from any other thread (a handler thread of a
-threading server) waits on an Event that the loop thread sets.
+Who calls it: the control socket (fuguectl status, and a worker's
+fugue.server_status() relayed by the master), the management HTTP listener
+(fugue.statushttp) and fugue.server_status() in the master. It only reads the
+master's public records. Counters are the workers' own (sent on request and
+with heartbeats) summed here.
 """
 
-import itertools
 import os
-import select
-import threading
 import time
 
-from . import protocol
 from .daemon import log_trouble
 from .health import health_state
 from .policy import WorkerState
@@ -67,8 +59,7 @@ def collect(master):
             "last_event": None if event is None else {
                 "what": event[0], "ok": event[1], "text": event[2], "at": event[3],
                 "ago": round(wall - event[3], 3)},
-            "watch": None if master.watcher is None else not getattr(
-                master.watcher, "paused", getattr(master.watcher, "_paused", False)),
+            "watch": None if master.watcher is None else not master.watcher.paused,
             "log_trouble": log_trouble(),  # e.g. '12 log lines lost since 10:02:03: No space left on device'
         },
         "listeners": [lst.describe() for lst in master.listeners],
@@ -89,46 +80,3 @@ def StatusServer(master, bind):  # noqa: N802 - a class to its caller (master.se
 
     return cls(master, bind)
 
-
-# -- the worker's side of fugue.server_status() ------------------------------------------
-
-class _Asks:
-    def __init__(self):
-        self.seq = itertools.count(1)
-        self.waiting = {}  # seq -> [threading.Event, data]
-
-
-def ask_master(rt, timeout):
-    """Called by Runtime.server_status in a worker; returns the aggregate or None."""
-    asks = rt.__dict__.setdefault("_status_asks", _Asks())
-    seq = next(asks.seq)
-    slot = [threading.Event(), None]
-    asks.waiting[seq] = slot
-    try:
-        rt._send(protocol.STATUS_REQUEST, seq=seq)
-        if rt.master_gone:
-            return None
-        deadline = time.monotonic() + timeout
-        reader = getattr(rt, "dispatch_thread", None) or threading.main_thread().ident
-        if threading.get_ident() != reader:
-            slot[0].wait(timeout)
-            return slot[1]
-        # We are the loop thread: nobody else reads the channel while we wait here.
-        while not slot[0].is_set() and not rt.master_gone:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            select.select([rt.channel], [], [], left)
-            rt.dispatch()  # delivers our answer, and anything else that came meanwhile
-        return slot[1]
-    finally:
-        asks.waiting.pop(seq, None)
-
-
-def deliver_to_worker(rt, msg):
-    """Runtime._handle got STATUS: wake whoever asked."""
-    asks = rt.__dict__.get("_status_asks")
-    slot = asks.waiting.get(msg.get("seq")) if asks else None
-    if slot is not None:
-        slot[1] = msg.get("data")
-        slot[0].set()

@@ -170,6 +170,11 @@ class Watcher:
         self._disarm()
         log.info("watch: paused")
 
+    @property
+    def paused(self):
+        """True between pause() and resume() (fuguectl watch off / on)."""
+        return self._paused
+
     def resume(self):
         """Watch on again with a fresh watch; changes made while paused are not replayed."""
         with self._lock:

@@ -8,10 +8,12 @@ REOPEN, STATS, CONN. EOF on it means the master is gone: drain and exit.
 """
 
 import errno
+import itertools
 import json
 import logging
 import os
 import runpy
+import select
 import signal
 import socket
 import sys
@@ -98,6 +100,8 @@ class Runtime(WorkerContext):
             # which recycles at once rather than at the next heartbeat (up to 10 s later).
             self.stats = _RecyclingStats(self._max_requests, self._wake)
         self._max_memory = int(self.options.get("max_memory") or 0)
+        self._status_seq = itertools.count(1)
+        self._status_waiting = {}  # seq -> [threading.Event, data]: server_status() callers
 
     # -- what adapters call -------------------------------------------------
 
@@ -162,10 +166,36 @@ class Runtime(WorkerContext):
         self._takedown.append(fn)
 
     def server_status(self, timeout=2.0):
-        """fugue.server_status(): the master's aggregate, or None if it does not answer in time."""
-        from .status import ask_master
+        """fugue.server_status(): the master's aggregate, or None if it does not answer in time.
 
-        return ask_master(self, timeout)
+        Asked on the channel (STATUS_REQUEST), answered there (STATUS) once every
+        worker has sent fresh counters. The channel is read by the adapter's loop
+        thread: asked from that thread, this reads the channel itself until the
+        answer comes; from any other thread (a handler thread of a threading
+        server), it waits on an Event that the loop thread sets.
+        """
+        seq = next(self._status_seq)
+        slot = [threading.Event(), None]
+        self._status_waiting[seq] = slot
+        try:
+            self._send(protocol.STATUS_REQUEST, seq=seq)
+            if self.master_gone:
+                return None
+            deadline = time.monotonic() + timeout
+            reader = getattr(self, "dispatch_thread", None) or threading.main_thread().ident
+            if threading.get_ident() != reader:
+                slot[0].wait(timeout)
+                return slot[1]
+            # We are the loop thread: nobody else reads the channel while we wait here.
+            while not slot[0].is_set() and not self.master_gone:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                select.select([self.channel], [], [], left)
+                self.dispatch()  # delivers our answer, and anything else that came meanwhile
+            return slot[1]
+        finally:
+            self._status_waiting.pop(seq, None)
 
     # -- internals ----------------------------------------------------------
 
@@ -240,10 +270,12 @@ class Runtime(WorkerContext):
             if on and not self.lb_draining:
                 self.lb_since = time.monotonic()
             self.lb_draining = on
-        elif kind == protocol.STATUS:
-            from .status import deliver_to_worker
-
-            deliver_to_worker(self, msg)
+        elif kind == protocol.STATUS:  # the answer to server_status(): wake whoever asked
+            seq = msg.get("seq")
+            slot = self._status_waiting.get(seq) if isinstance(seq, int) else None  # the master may lie
+            if slot is not None:
+                slot[1] = msg.get("data")
+                slot[0].set()
         for fd in fds:
             os.close(fd)
 
@@ -400,6 +432,15 @@ def serve(target, local_options=None):
     raise WorkerExit(0)
 
 
+def _router_gone():
+    # EOF on an inbox: the router is gone and nothing will arrive again. The inbox
+    # stays readable at EOF, so an adapter would spin on it: drain the worker as if
+    # its master had gone (its master is going too: it dies with the router).
+    rt = current
+    if rt is not None and not rt.draining:
+        rt._stop("graceful", "the router closed the inbox")
+
+
 def main():
     global current
     fd = int(os.environ.pop(ENV_CHANNEL))
@@ -415,7 +456,7 @@ def main():
         os._exit(1)
     from .inbox import wrap_listeners  # routed mode: an app's inbox reads like a listener
 
-    listeners = wrap_listeners(fds, hello.get("listeners") or [])
+    listeners = wrap_listeners(fds, hello.get("listeners") or [], on_eof=_router_gone)
     rt = Runtime(channel, hello, listeners)
     current = rt
     _setup_logging(rt)

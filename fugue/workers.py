@@ -25,7 +25,7 @@ ENV_GENERATION = "FUGUE_GENERATION"
 ENV_TARGET = "FUGUE_TARGET"
 # Never inherited by workers: they belong to the master.
 MASTER_ONLY_ENV = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
-                   "FUGUE_UPGRADE_SOCK", "FUGUE_UPGRADE_FROM", "FUGUE_READY_FD")
+                   protocol.ENV_UPGRADE_SOCK, protocol.ENV_UPGRADE_FROM, "FUGUE_READY_FD")
 
 
 class Identity:
@@ -99,22 +99,26 @@ def worker_env(slot, generation, target_json=None, channel_fd=None, extra=None):
         return env
     env[ENV_CHANNEL] = str(channel_fd)
     env[ENV_TARGET] = target_json
-    # The worker must import the same fugue as the master, installed or not.
-    import fugue
-
-    home = os.path.dirname(os.path.dirname(os.path.abspath(fugue.__file__)))
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if home not in paths:
-        env["PYTHONPATH"] = os.pathsep.join([home] + paths)
+    put_fugue_on_path(env)
     env.update(extra or {})
     return env
 
 
+FUGUE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def put_fugue_on_path(env):
+    """A fresh interpreter started with `env` must import this same fugue, installed or not:
+    its home goes first on PYTHONPATH (for workers, and the app masters of routed mode)."""
+    home = os.path.dirname(FUGUE_DIR)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if home not in paths:
+        env["PYTHONPATH"] = os.pathsep.join([home] + paths)
+
+
 def _readable_paths(target):
     """Files the dropped user must be able to read for a Python worker to start."""
-    import fugue
-
-    paths = [os.path.join(os.path.dirname(fugue.__file__), "_boot.py")]
+    paths = [os.path.join(FUGUE_DIR, "_boot.py")]
     script = target.get("script")
     if script:
         paths.append(script)

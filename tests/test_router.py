@@ -6,6 +6,7 @@ server_hostname, raw sockets for slow and hostile ones.
 """
 
 import http.client
+import json
 import os
 import shutil
 import socket
@@ -16,7 +17,7 @@ import threading
 
 import pytest
 
-from conftest import ROOT, wait_for
+from conftest import PY, ROOT, wait_for
 from fugue import control
 from fugue.apps import parse
 from fugue.errors import ConfigError
@@ -147,6 +148,34 @@ def test_an_inbox_passes_connections_like_a_listener():
         client.close()
     router_end.close()
     inbox.close()
+
+
+def test_python_m_fugue_router_runs_as_documented(fugue_proc, workdir):
+    """`python -m fugue.router -c apps.toml` (router.py's docstring, bench/router.py) serves,
+    answers its own commands, and leaves nothing behind when stopped."""
+    (workdir / "apps.toml").write_text(CONFIG.format(sniff_timeout=5.0, extra="", top=""))
+    env = {"PYTHONPATH": ROOT}
+    p = fugue_proc([PY, "-m", "fugue.router", "-c", "apps.toml"])
+    p.wait_log(r"router serving 2 apps", timeout=20)
+    pid = p.master_pid()
+    port = int(p.wait_log(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+    assert get(port, "alpha.test")[1].startswith("alpha worker")
+    assert get(port, "beta.test")[1].startswith("beta worker")
+
+    def command(*args):
+        return subprocess.run([PY, "-m", "fugue.router", "-c", "apps.toml", *args], cwd=workdir,
+                              env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+
+    status = command("status")
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["router"]["pid"] == pid and set(data["apps"]) == {"alpha", "beta"}
+    stop = command("stop")
+    assert stop.returncode == 0 and stop.stdout.strip() == "stopping", stop.stdout + stop.stderr
+    assert p.wait_exit() == 0
+    assert not os.path.exists(workdir / "fugue.pid")
+    assert not os.path.exists(workdir / "tmp" / f"fugue-{pid}")
+    assert "Traceback" not in p.log()
 
 
 # -- routing ---------------------------------------------------------------------------

@@ -1,0 +1,66 @@
+"""The operating system as the state machines see it: one seam that tests replace.
+
+Who calls it: fugue.upgrade, fugue.pool, fugue.rollout and fugue.shell through
+a `System` passed in by their owner (SYSTEM by default); tests pass a subclass
+that records what was asked and answers from a table. What it promises: each
+method does one thing to the OS and nothing else; the real one, SYSTEM, is
+stateless.
+"""
+
+import os
+import signal
+import time
+
+from . import notify, workers
+
+
+class System:
+    """The real OS: clocks, signals, sd_notify, spawning and reaping children."""
+
+    def monotonic(self):
+        return time.monotonic()
+
+    def wall(self):
+        return time.time()
+
+    def getpid(self):
+        return os.getpid()
+
+    def kill(self, pid, signum=signal.SIGKILL):
+        """Signal `pid`; one that is already gone is not an error."""
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def notify(self, *fields):
+        """sd_notify lines to whoever supervises this master (nothing when nobody does)."""
+        notify.send(*fields)
+
+    def spawn(self, argv, env, cwd, loop, prepare=None):
+        """Fork (through fork_quietly) and exec `argv` in `cwd`: a new master, an app's master.
+        `prepare()` runs in the child just before exec. Returns the pid; never returns in the child."""
+        pid = workers.fork_quietly()
+        if pid == 0:
+            try:
+                workers.child_signals(loop)
+                if prepare is not None:
+                    prepare()
+                os.chdir(cwd)
+                os.execve(argv[0], argv, env)
+            finally:
+                os._exit(127)
+        return pid
+
+    def spawn_worker(self, argv, env, identity, working_path, stdout_fd, child_fd, target=None,
+                     foreign_fds=None, loop=None):
+        """A worker: fork + exec with its identity and channel (fugue.workers.spawn); its pid."""
+        return workers.spawn(argv, env, identity, working_path, stdout_fd, [], child_fd,
+                             target=target, foreign_fds=foreign_fds, loop=loop)
+
+    def reaped(self):
+        """(pid, status) of each exited child, without blocking (waitpid WNOHANG)."""
+        return workers.reaped()
+
+
+SYSTEM = System()
