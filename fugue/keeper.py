@@ -32,6 +32,7 @@ Why a stable parent and not re-exec in place or the fd store: see fugue(7), UNDE
 SERVICE MANAGER.
 """
 
+import json
 import logging
 import os
 import shutil
@@ -68,6 +69,18 @@ def wanted(cfg, upgrading):
     return os.getpid() == 1 or bool(os.environ.get("NOTIFY_SOCKET") or os.environ.get("INVOCATION_ID"))
 
 
+def restore_specs(listeners):
+    """In a master a keeper started: give the adopted listeners (LISTEN_FDS, fd:N) back
+    the specs the keeper bound them from. Called before wanted(), which takes the variable."""
+    try:
+        specs = json.loads(os.environ.get(KEPT_ENV) or "null")
+    except ValueError:
+        return
+    if isinstance(specs, list) and len(specs) == len(listeners) and all(isinstance(x, str) for x in specs):
+        for lst, spec in zip(listeners, specs):
+            lst.spec = spec
+
+
 def run(cfg, listeners, unlink):
     """Keep `listeners` and a master on them until the service stops; the exit status."""
     keeper = Keeper(cfg, listeners, unlink)
@@ -85,7 +98,7 @@ class Keeper:
         self.pid_file = cfg.path("pid_file")
         self.master = None            # the current master's pid
         self.stopping = None          # the stop signal forwarded, or "master" if the master stopped
-        self.ever_ready = False
+        self.ready = False            # the current master has said READY=1
         self.status = 0
         self.loop = None
         self.sock = None
@@ -94,6 +107,10 @@ class Keeper:
     # -- setup ----------------------------------------------------------------------------
 
     def run(self):
+        from . import daemon
+
+        daemon.LOG_FORMAT = daemon.LOG_FORMAT.replace("[master]", "[keeper]")  # whose line it is
+        daemon.setup_logging(self.cfg.verbose, self.cfg.log_level, self.cfg.log_format)
         _become_subreaper()
         notify.claim()  # systemd's socket is ours; the masters get the keeper's
         # Named as a master's run directory (fugue-PID, 0700): as short, and swept the same
@@ -144,7 +161,9 @@ class Keeper:
     def spawn_master(self):
         argv = [sys.executable] + list(getattr(sys, "orig_argv", sys.argv))[1:]
         env = dict(os.environ)
-        env[KEPT_ENV] = "1"
+        # What the user wrote for each listener: the master matches its bind against these
+        # (an upgrade that follows a changed bind keeps them) as if it had bound them itself.
+        env[KEPT_ENV] = json.dumps([str(lst.spec) for lst in self.listeners])
         env["NOTIFY_SOCKET"] = self.sock.getsockname()
         env["LISTEN_FDNAMES"] = ":".join(lst.name for lst in self.listeners)
         fds = [lst.fileno() for lst in self.listeners]
@@ -160,12 +179,13 @@ class Keeper:
                 finally:
                     os._exit(1)
         self.master = pid
-        log.info("keeper: master pid %d started", pid)
+        self.ready = False
+        log.info("master pid %d started", pid)
 
     def reap(self):
         for pid, status in reaped():
             if pid != self.master:
-                log.debug("keeper: reaped pid %d (%s)", pid, describe_status(status))
+                log.debug("reaped pid %d (%s)", pid, describe_status(status))
                 continue
             self.master_exited(pid, status)
 
@@ -174,27 +194,32 @@ class Keeper:
         # A new master that took over wrote the pid file before it told us MAINPID=: if
         # its message is still in the socket, or was never sent, the pid file says.
         self.on_notify()
-        successor = self._successor(pid) or self._orphaned_master()
+        successor = self._successor(pid)
+        ready = successor is not None  # a new master writes the pid file once it serves
+        successor = successor or self._orphaned_master()
         if successor:
-            log.info("keeper: master pid %d %s; pid %d is the master now", pid, describe_status(status),
+            log.info("master pid %d %s; pid %d is the master now", pid, describe_status(status),
                      successor)
-            self.master = successor
+            self.master, self.ready = successor, ready
             return
         code = os.waitstatus_to_exitcode(status)
         if self.stopping is not None or code == 0:
             self.stopping = self.stopping or "master"
             self.status = code if code >= 0 else 128 - code
-            log.info("keeper: master pid %d %s; stopping", pid, describe_status(status))
+            log.info("master pid %d %s; stopping", pid, describe_status(status))
             self._close_listeners()
             return
-        if not self.ever_ready:
+        if not self.ready:
+            # At the first start, or a replacement that cannot start either (the code on disk
+            # is broken now): starting it again and again would only spin. The service manager
+            # decides (Restart=, RestartSec=).
             self.stopping = "master"
             self.status = code if code > 0 else 1
-            log.error("keeper: master pid %d %s before it was ever ready; giving up", pid, describe_status(status))
-            notify.send(f"STATUS=master {describe_status(status)} at start")
+            log.error("master pid %d %s before it was ready; giving up", pid, describe_status(status))
+            notify.send(f"STATUS=master {describe_status(status)} before it was ready")
             self._close_listeners()
             return
-        log.error("keeper: master pid %d %s; starting a new master now (the listeners stay open)",
+        log.error("master pid %d %s; starting a new master now (the listeners stay open)",
                   pid, describe_status(status))
         notify.send(f"STATUS=master pid {pid} {describe_status(status)}; starting a new master")
         from .daemon import remove_pid
@@ -279,14 +304,14 @@ class Keeper:
             if key == "MAINPID":
                 if value.isdigit() and int(value) == sender and int(value) != self.master:
                     if self.master is not None:
-                        log.info("keeper: pid %d is the master now (was %d)", sender, self.master)
-                    self.master = sender
+                        log.info("pid %d is the master now (was %d)", sender, self.master)
+                    self.master, self.ready = sender, False
             elif sender == self.master and line:
                 out.append(line)
         if sender != self.master or not out:
             return
         if "READY=1" in out:
-            self.ever_ready = True
+            self.ready = True
             out.append(f"MAINPID={os.getpid()}")
         if "STOPPING=1" in out and self.stopping is None:
             self.stopping = "master"

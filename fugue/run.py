@@ -67,6 +67,7 @@ def run_master(cfg, target):
     else:
         check_pid_file(cfg.path("pid_file"))
         listeners = systemd_listeners()
+        keeper.restore_specs(listeners)
         if not listeners:
             if not cfg.bind:
                 raise FugueError("nothing to listen on: give a port, a Unix socket path or --bind")

@@ -125,7 +125,7 @@ def test_pid1_upgrade_keeps_the_namespace_orphans_are_reaped_quietly_term_drains
     masters = wait_for(lambda: [m for m in [host_pids(p, "fugue master")] if len(m) == 1],
                        what="the old master gone")[0]
     os.kill(masters[0], signal.SIGKILL)
-    p.wait_log(r"keeper: master pid \d+ killed by SIGKILL; starting a new master")
+    p.wait_log(r"\[keeper\] ERROR master pid \d+ killed by SIGKILL; starting a new master")
     wait_for(lambda: "generation 1" in p.body() and host_pids(p, "fugue master") not in ([], masters),
              what="a new master serving")
     wait_for(lambda: not zombies_of(keeper) and len(host_pids(p, "fugue worker")) == 2,
@@ -157,7 +157,7 @@ def test_a_master_that_never_gets_ready_ends_the_keeper_and_leaves_nothing(fugue
     p = fugue_proc(["fuguectl", "start", "--foreground", "-w", "1", "--bind", "127.0.0.1:0", "app.py"],
                    env={"INVOCATION_ID": "0" * 32})
     assert p.wait_exit(60) == 1
-    assert "keeper exiting (status 1)" in p.log()
+    assert "[keeper] INFO keeper exiting (status 1)" in p.log()
     assert not p.pids()
     assert not [n for n in os.listdir(workdir / "tmp") if n.startswith("fugue-")]
     assert not (workdir / "fugue.pid").exists()
@@ -176,3 +176,15 @@ def test_master_killed_during_an_upgrade_leaves_one_master(fugue_proc, workdir):
     assert "starting a new master now" not in p.log()
     wait_for(lambda: len(host_pids(p, "fugue master")) == 1, what="one master")
     assert host_pids(p, "fugue master") != old
+
+
+def test_a_replacement_master_that_cannot_start_ends_the_keeper(fugue_proc, workdir):
+    """kill -9 of the master after the code on disk broke: the replacement fails at start and
+    the keeper gives up with its status (the runtime's restart policy decides) instead of spinning."""
+    p, keeper, conf = start_pid1(fugue_proc, workdir)
+    (workdir / "behaviour.json").write_text('{"raise_at_import": true}')
+    os.kill(host_pids(p, "fugue master")[0], signal.SIGKILL)
+    assert p.wait_exit(60) == 1
+    assert p.count_log(r"starting a new master now") == 1
+    assert p.count_log(r"\[keeper\] INFO keeper exiting \(status 1\)") == 1
+    assert not p.pids()

@@ -271,5 +271,11 @@ def test_socket_unit_with_tcp_and_unix_activates_on_first_connection(instance, b
         # a restart of the whole service: the sockets stay, nothing is refused
         assert box.systemctl("restart", inst.unit).returncode == 0
         assert inst.curl()[0] == 200
+        # kill -9 of the master with the socket unit: the keeper starts a new one, systemd nothing
+        restarts, master = inst.show("NRestarts"), inst.master_pid()
+        box.run(["kill", "-9", str(master)], check=True)
+        wait_for(lambda: inst.master_pid() not in (None, master), 30, "a replacement master")
+        assert inst.curl()[0] == 200 and inst.curl(unix="/run/fugue-sock.sock")[0] == 200
+        assert inst.show("NRestarts") == restarts and inst.show("ActiveState") == "active"
     finally:
         box.systemctl("stop", "fugue@sock.socket")
