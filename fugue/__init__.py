@@ -7,6 +7,8 @@
 The script runs first as the master, which binds, daemonizes and spawns the
 workers; each worker is a fresh interpreter running the same script, where
 `fugue.start` receives the listening sockets over its channel and serves.
+With the preload option one such interpreter per generation (the mold,
+fugue.mold) runs the script up to `fugue.start` and forks the workers there.
 """
 
 import os
@@ -14,7 +16,7 @@ import sys
 
 from .errors import ConfigError, FugueError
 
-__all__ = ["start", "worker_id", "generation", "ready", "on_takedown", "stats", "server_status",
+__all__ = ["start", "worker_id", "generation", "ready", "on_takedown", "after_fork", "stats", "server_status",
            "set_version", "FugueError", "ConfigError"]
 __version__ = "0.1.0"
 
@@ -39,7 +41,8 @@ def _in_master():
 
 
 def worker_id():
-    """1..N in a worker (a replacement takes its slot's id); None in the master."""
+    """1..N in a worker (a replacement takes its slot's id); 0 in a preload mold (the
+    interpreter the workers are forked from); None in the master."""
     rt = _in_worker()
     return rt.worker_id if rt else None
 
@@ -76,6 +79,20 @@ def on_takedown(fn):
     rt = _in_worker()
     if rt:
         rt.on_takedown(fn)
+    return fn
+
+
+def after_fork(fn):
+    """Run `fn()` once in each worker before it serves (a decorator too).
+
+    With preload the app is imported once per generation and the workers are forked
+    from that interpreter: this is where a worker opens its own database connections
+    and starts its threads. Without preload it runs at the same point, so an app
+    behaves the same either way. A hook that raises fails the worker with the reason.
+    """
+    rt = _in_worker()
+    if rt:
+        rt.after_fork(fn)
     return fn
 
 

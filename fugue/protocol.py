@@ -29,6 +29,7 @@ STATS = "stats"          # {"seq": n}: answer with STATS_REPLY
 CONN = "conn"            # router -> an app's inbox: one accepted connection (fugue.inbox)
 STATUS = "status"        # {"seq", "data"}: the aggregate a worker asked for (fugue.server_status)
 DRAIN = "drain"          # {"on": bool}: the host drains for load balancers: answer with Connection: close
+FORK = "fork"            # master -> preload mold: {"slot"} + the new worker's channel end
 # worker -> master
 READY = "ready"
 HEARTBEAT = "hb"         # {"stats": {...}}
@@ -36,6 +37,8 @@ STATS_REPLY = "stats_reply"
 FAILED = "failed"        # {"reason": "..."}: could not start; the master logs it
 DRAINING = "draining"
 STATUS_REQUEST = "status_request"  # {"seq"}: answer with STATUS
+FORKED = "forked"        # preload mold -> master: {"slot", "pid"} (pid null and "reason": it failed)
+UNSAFE = "unsafe"        # preload mold -> master: {"hazards": [...]} (threads, connections) after the import
 # handoff (USR2)
 MANIFEST = "manifest"    # {"version", "listeners": [...], "generation"} + descriptors
 NEW_READY = "new_ready"  # new master: my workers are READY, step down

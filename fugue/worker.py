@@ -1,6 +1,8 @@
 """Inside a worker: receive the listeners, load the app, run its adapter.
 
-Who calls it: `python -m fugue._boot` (exec'd by the master) calls `main()`.
+Who calls it: `python -m fugue._boot` (exec'd by the master) calls `main()`;
+with preload, a worker forked from its generation's mold (fugue.mold) goes on
+from `serve` after `attach` and `become_worker`.
 It has already dropped privileges and chdir'd (done between fork and exec), so
 no application code ever runs as root. The channel to the master is a
 SOCK_SEQPACKET socket: HELLO (with the listeners) arrives first, then STOP,
@@ -60,6 +62,8 @@ class _RecyclingStats(Stats):
 class Runtime(WorkerContext):
     """The worker side of the channel; the adapter's view of fugue."""
 
+    is_mold = False
+
     def __init__(self, channel, hello, listeners):
         self.channel = channel
         self.worker_id = hello["worker_id"]
@@ -86,6 +90,7 @@ class Runtime(WorkerContext):
         self._app_ready = not self.options.get("wait_ready")
         self._ready_called = False  # fugue.ready() may come (from a thread) before fugue.start
         self._takedown = []
+        self._after_fork = []
         self._pending_stop = None
         self._sig_r, self._sig_w = socket.socketpair()
         self._sig_r.setblocking(False)
@@ -164,6 +169,23 @@ class Runtime(WorkerContext):
 
     def on_takedown(self, fn):
         self._takedown.append(fn)
+
+    def after_fork(self, fn):
+        self._after_fork.append(fn)
+
+    def run_after_fork(self):
+        """fugue.after_fork hooks, once, in this worker before it serves (forked or exec'd).
+
+        A hook that raises fails the worker: it is where connections are opened, and a
+        worker without its database is not ready.
+        """
+        hooks, self._after_fork = self._after_fork, []
+        for fn in hooks:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - the reason goes to the master
+                self.fail(f"after_fork hook {getattr(fn, '__qualname__', fn)!r} failed: "
+                          f"{describe_exception(e)}")
 
     def server_status(self, timeout=2.0):
         """fugue.server_status(): the master's aggregate, or None if it does not answer in time.
@@ -399,21 +421,27 @@ def resolve(spec):
 
 
 def serve(target, local_options=None):
-    """Run `target` in this worker until it is stopped. Called by fugue.start in a worker."""
+    """Run `target` in this worker until it is stopped. Called by fugue.start in a worker.
+
+    In a preload mold (fugue.mold) the first half runs once in the mold, which then
+    forks the workers; each forked worker returns from `fork_workers` and goes on here.
+    """
     rt = current
+    checked = False
+    if getattr(rt, "is_mold", False):
+        from .mold import fork_workers
+
+        fork_workers(rt, target, local_options)  # returns only in a forked worker
+        rt, checked = current, True
     opts = dict(rt.options)
     # What the new code says about itself wins: it is what is being deployed.
     local = {k: v for k, v in (local_options or {}).items() if k in APP_OWNED or callable(v)}
     opts.update(local)
     if "wait_ready" in local:  # an early fugue.ready() counts; wait_ready=False in the new code too
         rt._app_ready = rt._ready_called or not local["wait_ready"]
-    check = opts.get("startup_check")
-    if check:
-        try:
-            fn = resolve(check) if isinstance(check, str) else check
-            fn()
-        except Exception as e:  # noqa: BLE001 - any failure of the check fails the worker
-            rt.fail(f"startup_check failed: {describe_exception(e)}")
+    if not checked:
+        run_startup_check(rt, opts.get("startup_check"))
+    rt.run_after_fork()
     from .adapters import pick
 
     try:
@@ -441,10 +469,22 @@ def _router_gone():
         rt._stop("graceful", "the router closed the inbox")
 
 
-def main():
-    global current
-    fd = int(os.environ.pop(ENV_CHANNEL))
-    target = json.loads(os.environ.pop(ENV_TARGET, "{}"))
+def run_startup_check(rt, check):
+    """The startup_check option: in each exec'd worker, or once in a preload mold."""
+    if not check:
+        return
+    try:
+        fn = resolve(check) if isinstance(check, str) else check
+        fn()
+    except Exception as e:  # noqa: BLE001 - any failure of the check fails the worker
+        rt.fail(f"startup_check failed: {describe_exception(e)}")
+
+
+def attach(fd):
+    """The channel on descriptor `fd` and the master's HELLO -> (channel, hello, listeners).
+
+    Exits 1 if no HELLO comes: there is no master to tell.
+    """
     channel = socket.socket(fileno=fd)
     channel.set_inheritable(False)
     channel.settimeout(30)
@@ -456,28 +496,46 @@ def main():
         os._exit(1)
     from .inbox import wrap_listeners  # routed mode: an app's inbox reads like a listener
 
-    listeners = wrap_listeners(fds, hello.get("listeners") or [], on_eof=_router_gone)
+    return channel, hello, wrap_listeners(fds, hello.get("listeners") or [], on_eof=_router_gone)
+
+
+def become_worker(channel, hello, listeners):
+    """Make this process worker `hello["worker_id"]`: the runtime, logging, title, signals."""
+    global current
     rt = Runtime(channel, hello, listeners)
     current = rt
     _setup_logging(rt)
-    try:
-        import setproctitle
-
-        setproctitle.setproctitle(f"fugue worker {rt.worker_id} {hello.get('name') or ''}".rstrip())
-    except ImportError:
-        pass
+    set_title(f"fugue worker {rt.worker_id} {hello.get('name') or ''}".rstrip())
     for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
         signal.signal(sig, rt._on_signal)
     for sig in (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    return rt
+
+
+def set_title(title):
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+    except ImportError:
+        pass
+
+
+def run_target(rt, target):
+    """Import and run the app named by `target` (app, script or module); never returns.
+
+    A failure before the app serves is one line on the channel (rt.fail) and exit 1.
+    """
     status = 0
     try:
-        _open_access_log(rt)
+        if not rt.is_mold:  # a forked worker opens its own after the fork (fugue.mold)
+            _open_access_log(rt)
         if "app" in target:
             try:
                 obj = resolve(target["app"])
             except Exception as e:  # noqa: BLE001 - the reason goes to the master
-                rt.fail(describe_exception(e))
+                current.fail(describe_exception(e))
             serve(obj)
         elif "script" in target:
             sys.argv = list(target.get("argv") or [target["script"]])
@@ -488,8 +546,8 @@ def main():
                 raise
             except BaseException as e:  # noqa: BLE001 - SyntaxError, ImportError, anything
                 traceback.print_exc()
-                rt.fail(describe_exception(e))
-            rt.fail("the script returned without calling fugue.start()")
+                current.fail(describe_exception(e))
+            current.fail("the script returned without calling fugue.start()")
         elif "module" in target:
             sys.argv = [target["module"]] + list(target.get("argv") or [])[1:]
             try:
@@ -498,17 +556,25 @@ def main():
                 raise
             except BaseException as e:  # noqa: BLE001
                 traceback.print_exc()
-                rt.fail(describe_exception(e))
-            rt.fail(f"module {target['module']} returned without calling fugue.start()")
+                current.fail(describe_exception(e))
+            current.fail(f"module {target['module']} returned without calling fugue.start()")
         else:
-            rt.fail(f"unknown worker target {target!r}")
+            current.fail(f"unknown worker target {target!r}")
     except WorkerExit as e:
         status = e.code
     except SystemExit as e:
         status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if not rt._ready_sent and status:
-            rt._send(protocol.FAILED, reason=f"the app exited with status {status} before it was ready")
+        # current, not rt: in a worker forked from a mold, current is the worker's runtime.
+        if not current._ready_sent and status:
+            current._send(protocol.FAILED, reason=f"the app exited with status {status} before it was ready")
     finally:
         sys.stdout.flush() if sys.stdout else None
         sys.stderr.flush() if sys.stderr else None
     os._exit(status or 0)
+
+
+def main():
+    fd = int(os.environ.pop(ENV_CHANNEL))
+    target = json.loads(os.environ.pop(ENV_TARGET, "{}"))
+    rt = become_worker(*attach(fd))
+    run_target(rt, target)
