@@ -41,12 +41,21 @@ def clean_version(value):
     return text or None
 
 
+_inherited = {"drained": False}  # from the old master's upgrade manifest (connect_handoff)
+
+
+def inherit(options):
+    """New master, before Master() exists: take over the old master's `fuguectl drain`."""
+    _inherited["drained"] = bool(isinstance(options, dict) and options.get("drained") is True)
+
+
 class Drain:
     """The drain state of one master: manual (fuguectl drain) and/or before a stop."""
 
     def __init__(self, master):
         self.master = master
-        self.manual = False
+        # A drained host stays drained through an upgrade: only `fuguectl undrain` ends it.
+        self.manual = getattr(master, "handoff", None) is not None and _inherited["drained"]
         self.stop_at = None       # monotonic time the delayed graceful stop begins
         self.released = False     # the delay is over: begin_stop goes ahead
         self.told = {}            # worker pid -> drain state it was last told

@@ -594,6 +594,7 @@ class Master:
         if why:
             raise Refused(why)
         self.upgrade = upgrade.begin(self.cfg, self.loop, self.pid_file, self.listeners, self.generation)
+        self.upgrade.carry = lambda: {"drained": self.drain.manual}  # fuguectl drain outlives us
         if waiter:
             self.upgrade.waiters.append(waiter)
         self.loop.add_reader(self.upgrade.server, self._on_handoff_connect)

@@ -39,7 +39,7 @@ import socket
 import sys
 import time
 
-from . import notify, protocol
+from . import health, notify, protocol
 from .errors import FugueError
 from .fds import (Listener, bind_unix_path, connect_unix_path, peer_credentials, private_dir, read_messages,
                   recv_with_fds, send_with_fds)
@@ -125,6 +125,7 @@ class Upgrade:
         self.reason = None              # the new master's FAILED reason
         self.stepped_down = False       # NEW_READY came: the new master serves, we drain
         self.waiters = []
+        self.carry = dict               # what the new master takes over besides the listeners
         self.loop = loop
         self.pid_file = pid_file
         self.listeners = listeners
@@ -145,7 +146,8 @@ class Upgrade:
             conn.close()
             return None
         self.conn = conn
-        manifest = protocol.manifest([lst.describe() for lst in self.listeners], self.generation)
+        manifest = protocol.manifest([lst.describe() for lst in self.listeners], self.generation,
+                                     options=self.carry())
         try:
             send_with_fds(conn, manifest, [lst.fileno() for lst in self.listeners])
         except OSError as e:
@@ -276,6 +278,7 @@ def connect(path, pid_file, tmp_path, system=SYSTEM):
         data, fds = recv_with_fds(sock, protocol.MAX_FRAME)
         msg = protocol.decode(data)
         items = protocol.check_manifest(msg, len(fds))
+        health.inherit(msg.get("options"))  # a `fuguectl drain` outlives the upgrade
     except (OSError, protocol.ProtocolError) as e:
         sock.close()
         raise FugueError(f"upgrade: cannot take the listeners from the old master: {e}") from None

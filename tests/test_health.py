@@ -112,6 +112,25 @@ def test_fuguectl_drain_and_undrain(fugue_proc, workdir):
     assert "fugue_draining 0.0" in metrics and "fugue_healthy 1.0" in metrics
 
 
+def test_a_drain_outlives_an_upgrade(fugue_proc, workdir):
+    p, sport = start(fugue_proc)
+    assert run_ctl(["drain"], workdir)[0] == 0
+    old = p.master_pid()
+    rc, out, err = run_ctl(["upgrade"], workdir)
+    assert rc == 0, err
+    assert p.master_pid() != old
+    assert old == p.popen.pid
+    wait_for(lambda: p.popen.poll() is not None, 30, "the old master gone")
+    # status_bind 127.0.0.1:0: the new master has a port of its own; its answer: still drained
+    sport = int(p.wait_log(r"status listener on http://127\.0\.0\.1:(\d+)/status", count=2).group(1))
+    status, body, _ = health(sport)
+    assert (status, body["state"]) == (503, "draining")
+    assert http_get(p.port, "/")[2].get("Connection") == "close"
+    assert json.loads(run_ctl(["status", "--json"], workdir)[1])["master"]["draining"]["reason"] == "manual"
+    assert run_ctl(["undrain"], workdir)[0] == 0
+    assert health(sport)[0] == 200
+
+
 def test_drain_delay_keeps_serving_while_health_says_503(fugue_proc, workdir):
     p, sport = start(fugue_proc, "--drain-delay", "600")
     p.signal(signal.SIGTERM)
@@ -235,7 +254,7 @@ def test_drain_delay_through_the_pid1_keeper(fugue_proc, workdir):
                     "-w", "1", "--bind", "127.0.0.1:0", "--status-bind", "127.0.0.1:0",
                     "--drain-delay", "600", "app.py"]).started()
     sport = status_port(p)
-    p.wait_log(r"keeper: master pid \d+ started")
+    p.wait_log(r"\[keeper\] INFO master pid \d+ started")
     assert health(sport)[0] == 200
     keeper = wait_for(lambda: _first_child(p.popen.pid), 15, "PID 1 of the namespace")
     os.kill(keeper, signal.SIGTERM)
