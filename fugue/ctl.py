@@ -150,7 +150,8 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"fuguectl (fugue) {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    for name, text in (("start", "start a master (TARGET: a script calling fugue.start, or --app, or -- COMMAND)"),
+    for name, text in (("start", "start a master (TARGET: a script calling fugue.start, MODULE:ATTR or --app, "
+                                 "or -- COMMAND)"),
                        ("check", "validate the options, the config file and the target; start nothing")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("-c", "--config", metavar="FILE", help="TOML config file (see fugue(5))")
