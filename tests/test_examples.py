@@ -5,6 +5,7 @@ websocket works, survives a reload on its old worker and is closed with 1012 at 
 
 import os
 import re
+import shlex
 import shutil
 import signal
 
@@ -114,3 +115,19 @@ def test_every_example_names_its_command_line():
     for name in CASES:
         with open(os.path.join(EXAMPLES, name, "fugue.toml")) as f:
             assert "fuguectl start -c fugue.toml" in f.read(), name
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_gunicorn_style_command_line_in_each_example_serves_it(fugue_proc, workdir, name):
+    """Each example shows the command line a gunicorn user would type; it works as shown
+    (from the example's directory, on a free port instead of 8000)."""
+    pytest.importorskip(CASES[name][0], reason=f"the test extra installs {CASES[name][0]}")
+    where = copy_example(name, workdir)
+    lines = [line for path in where.iterdir() if path.is_file()
+             for line in path.read_text().splitlines() if "fuguectl start -w" in line]
+    assert len(lines) == 1, lines
+    argv = shlex.split(lines[0].split("fuguectl", 1)[1].replace("127.0.0.1:8000", "127.0.0.1:0"))
+    p = fugue_proc(["fuguectl", *argv], cwd=where).started(timeout=60)
+    assert f"hello from {name} worker" in p.body()
+    p.signal(signal.SIGTERM)
+    assert p.wait_exit() == 0
