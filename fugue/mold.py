@@ -234,6 +234,10 @@ class MoldRuntime:
     is_mold = True
     worker_id = 0
 
+    def fork_workers(self, target, local_options):
+        """worker.serve in the mold (the worker never imports the mold): see fork_workers."""
+        fork_workers(self, target, local_options)
+
     def __init__(self, channel, hello):
         self.channel = channel
         self.generation = hello.get("generation")

@@ -429,9 +429,7 @@ def serve(target, local_options=None):
     rt = current
     checked = False
     if getattr(rt, "is_mold", False):
-        from .mold import fork_workers
-
-        fork_workers(rt, target, local_options)  # returns only in a forked worker
+        rt.fork_workers(target, local_options)  # mold.MoldRuntime: returns only in a forked worker
         rt, checked = current, True
     opts = dict(rt.options)
     # What the new code says about itself wins: it is what is being deployed.
