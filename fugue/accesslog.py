@@ -164,6 +164,23 @@ class AccessLog:
             self.lost += 1
 
 
+def prepare_for_workers(path, uid, gid):
+    """Create the access log for workers that run as another user, as gunicorn gives its logs
+    to its workers' user: the master (root) creates `path` if it does not exist yet (refusing
+    links and directories others could rearrange: fds.open_safely) and hands it to uid/gid.
+    An existing file is left as it is (its owner decided). FugueError (one line) on failure."""
+    if path in (None, "-") or (uid is None and gid is None) or os.path.lexists(path):
+        return
+    from .daemon import open_log
+
+    fd = open_log(path)
+    try:
+        if os.fstat(fd).st_size == 0:  # ours: just created (or empty); never chown someone's log
+            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+    finally:
+        os.close(fd)
+
+
 def check_format(fmt):
     """ConfigError unless `fmt` formats a request (a typo such as %(s) without s is caught at start)."""
     from .errors import ConfigError

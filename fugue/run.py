@@ -48,6 +48,9 @@ def run_master(cfg, target):
     logging.raiseExceptions = False  # a full disk must not turn log lines into tracebacks
     cfg = check_paths(cfg)
     identity = Identity(cfg.uid, cfg.gid)
+    from .accesslog import prepare_for_workers  # the workers open it, as their user
+
+    prepare_for_workers(cfg.access_log, identity.uid, identity.gid)
     logs = Logs(cfg.path("log_file"), cfg.path("master_log_file"))
     logs.open()
     upgrade_path = upgrade.from_environment()

@@ -218,3 +218,20 @@ def test_routed_mode_access_log_has_the_real_client_address(fugue_proc, workdir)
     path = workdir / "access.log"
     line = wait_for(lambda: next((l for l in lines(path) if "who=me" in l), None), what="the access line")
     assert re.match(r'^127\.0\.0\.2 - - \[.*\] "GET /\?who=me HTTP/1\.1" 200 \d+ "-" "-"$', line), line
+
+
+def test_access_log_of_workers_running_as_nobody(fugue_proc, world_dir):
+    """-u nobody --access-logfile in a directory only root may write: the master creates the
+    file and gives it to the workers' user (as gunicorn does), the workers write to it."""
+    from conftest import SYSTEM_PYTHON
+
+    logs = os.path.join(world_dir, "logs")
+    os.mkdir(logs, 0o755)
+    opts = {"uid": "nobody", "gid": "nogroup", "access_log": "logs/access.log"}
+    p = fugue_proc([os.path.join(world_dir, "app.py"), "0", "1", json.dumps(opts)],
+                   cwd=world_dir, python=SYSTEM_PYTHON).started()
+    assert p.get("/?x=1")[0] == 200
+    path = os.path.join(logs, "access.log")
+    wait_for(lambda: "GET /?x=1" in open(path).read(), what="the access line")
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, 0o640)
