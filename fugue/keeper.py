@@ -42,7 +42,7 @@ import sys
 
 from . import notify
 from .errors import FugueError
-from .fds import close_listeners
+from .fds import bind_unix_path, close_listeners
 from .loop import Loop
 from .protocol import ENV_UPGRADE_SOCK
 from .workers import _place_listen_fds, child_signals, describe_status, fork_quietly, reaped
@@ -122,7 +122,7 @@ class Keeper:
             self.dir = path
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            self.sock.bind(os.path.join(path, "notify.sock"))
+            bind_unix_path(self.sock, os.path.join(path, "notify.sock"))  # a deep tmp_path too
         except OSError as e:
             raise FugueError(f"keeper: cannot make its notify socket in {path}: {e.strerror or e}") from None
         self.sock.setblocking(False)
@@ -164,7 +164,7 @@ class Keeper:
         # What the user wrote for each listener: the master matches its bind against these
         # (an upgrade that follows a changed bind keeps them) as if it had bound them itself.
         env[KEPT_ENV] = json.dumps([str(lst.spec) for lst in self.listeners])
-        env["NOTIFY_SOCKET"] = self.sock.getsockname()
+        env["NOTIFY_SOCKET"] = os.path.join(self.dir, "notify.sock")  # getsockname() may be relative
         env["LISTEN_FDNAMES"] = ":".join(lst.name for lst in self.listeners)
         fds = [lst.fileno() for lst in self.listeners]
         pid = fork_quietly()
