@@ -67,7 +67,12 @@ def why_not():
 
 
 class BootFailed(Exception):
-    pass
+    """The box did not boot. `machine_cannot`: this machine cannot (no mount rights), as
+    opposed to a boot that should have worked and did not (a failure to report)."""
+
+    def __init__(self, text, machine_cannot=False):
+        super().__init__(text)
+        self.machine_cannot = machine_cannot
 
 
 def _children(pid):
@@ -144,7 +149,9 @@ class Box:
         return self
 
     def _mount(self, args):
-        subprocess.run(["mount"] + args, check=True, capture_output=True)
+        done = subprocess.run(["mount"] + args, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BootFailed(f"cannot mount {args[-1]} here: {done.stderr.strip()}", machine_cannot=True)
         self.mounts.append(args[-1])
 
     def _prepare(self):
