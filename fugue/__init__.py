@@ -9,6 +9,58 @@ workers; each worker is a fresh interpreter running the same script, where
 `fugue.start` receives the listening sockets over its channel and serves.
 With the preload option one such interpreter per generation (the mold,
 fugue.mold) runs the script up to `fugue.start` and forks the workers there.
+
+The modules, by tier. A module imports only from its own tier or the tiers
+above it in this list (data flows one way: config -> master -> mechanisms ->
+OS), never in a cycle; tests/test_imports.py holds the code to this map.
+
+  tier pure:        errors protocol policy loop sniff
+      errors      FugueError (shown as one line), ConfigError, Refused
+      protocol    encode/decode of channel messages, control frames, the handoff
+                  manifest; the upgrade's environment names
+      policy      decide(snapshot): which workers to spawn, stop, kill, promote
+      loop        the one selectors loop: signal wakeup fd, readers, deadlines
+      sniff       the host a new connection names (HTTP Host, TLS SNI)
+  tier mechanisms:  config reconfig fds notify daemon accesslog foreign inbox health watch workers statushttp
+                    apps system
+      config      the validated, frozen Config (start() arguments, flags, TOML, env)
+      reconfig    what a reload reads again, and what of it a generation can carry
+      fds         listeners: bind, adopt, pass (SCM_RIGHTS); safe paths
+      notify      sd_notify to the supervisor
+      daemon      daemonizing, logs, the pid file's reading and writing
+      accesslog   a worker's access log (gunicorn's format)
+      foreign     NOTIFY_SOCKET of foreign workers (and of the router's app masters)
+      inbox       routed connections as packets, read by workers like a listener
+      health      /healthz, /livez, drain_delay, fuguectl drain
+      watch       watch mode's file watcher (watchfiles)
+      workers     fork + exec of a worker: identity, environment, fork_quietly, reap
+      statushttp  the management HTTP listener (status_bind)
+      apps        routed mode's configuration (apps.toml)
+      system      the OS seam of the state machines: spawn, kill, clock, notify, reap
+  tier machines:    status control shell pool rollout upgrade appmasters
+      status      the status of a master and its workers, as data
+      control     the control socket, and fuguectl's client side of it
+      shell       what the master and the router share: loop pass, run directory,
+                  PidFile (the pid file's one writer), signal table, stop, shutdown
+      pool        the worker slots: spawn, channels, READY, stop, kill, backoff
+      rollout     a generation's life: begin, promote, rollback; the watch trigger
+      upgrade     USR2, both sides: the handoff, step down, take over, failure report
+      appmasters  the router's supervision of each app's master
+  tier processes:   master routecontrol router keeper
+      master      the master: the wiring between pool, rollout and upgrade
+      routecontrol  the router's control commands
+      router      routed mode: sniffing and routing connections to apps' inboxes
+      keeper      the stable parent under systemd and as PID 1; the master is its child
+  tier entry points:  run routed ctl worker _boot _appboot fugue
+      run         starting a master: checks, bind or take over, daemonize, run
+      routed      starting a router, and python -m fugue.router's commands
+      ctl         fuguectl; it never imports master
+      worker      a worker process: listeners, privileges, the adapter, the channel
+      _boot       python -m fugue._boot: a worker's entry point
+      _appboot    python -m fugue._appboot: an app master's entry point
+      fugue       this file: fugue.start and the API an app calls
+  adapters/*: one module per kind of server; they import each other and the pure and
+      mechanisms tiers, never the master's side.
 """
 
 import os

@@ -13,7 +13,8 @@
     hostnames = ["example.com", "*.example.com"]
     script = "www.py"
 
-Who calls it: fugue.router (start, HUP, `add`) and fugue._appboot. `load(path)`
+Who calls it: fugue.routed (start, check), fugue.router (HUP), fugue.routecontrol
+(`add`), fugue.appmasters (app_master_env) and fugue._appboot. `load(path)`
 returns a frozen RouterConfig or raises ConfigError naming the file, the app and
 the key; it touches nothing but the file. Each app's master is `python -m
 fugue._appboot` with app_master_env: an ordinary fugue master whose one listener

@@ -433,7 +433,7 @@ def _start_or_check(args, tail):
     from .apps import is_routed_file
 
     if args.config and is_routed_file(args.config):  # routed mode: [apps.NAME] tables (fugue.router)
-        from .router import ctl_start
+        from .routed import ctl_start
 
         return ctl_start(args)
     options, file_target = gather_options(args)
@@ -772,7 +772,7 @@ def duration(seconds):
 def render_status(data):
     """The human table of `fuguectl status` (the same data as --json)."""
     if "router" in data:  # routed mode
-        from .router import render_status as render_router_status
+        from .routed import render_status as render_router_status
 
         return render_router_status(data)
     m = data.get("master") or {}

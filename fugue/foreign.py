@@ -25,20 +25,29 @@ import secrets
 import socket
 import struct
 
+from .fds import bind_unix_path
+
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 MAX_DATAGRAM = 4096
 
 
 class NotifySocket:
-    """One foreign worker's NOTIFY_SOCKET, read in the master's loop."""
+    """One foreign worker's NOTIFY_SOCKET, read in the master's loop (also the router's
+    socket for each app's master)."""
 
-    def __init__(self, slot, generation, allowed_uids):
-        self.address = f"@fugue-{os.getpid()}-{slot}-{generation}-{secrets.token_hex(4)}"
+    def __init__(self, slot=None, generation=None, allowed_uids=(), path=None):
+        """`path`: bind this file (mode 0600), for a reader in a private directory
+        (the router reading its app masters), instead of an abstract name."""
+        self.address = path or f"@fugue-{os.getpid()}-{slot}-{generation}-{secrets.token_hex(4)}"
         self.allowed = set(allowed_uids)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            self.sock.bind("\0" + self.address[1:])
+            if path:
+                bind_unix_path(self.sock, path)
+                os.chmod(path, 0o600)
+            else:
+                self.sock.bind("\0" + self.address[1:])
             self.sock.setblocking(False)
         except OSError:
             self.sock.close()
@@ -47,12 +56,13 @@ class NotifySocket:
     def fileno(self):
         return self.sock.fileno()
 
-    def read(self, main_pid):
+    def read(self, main_pid=None):
         """[(fields dict, sender pid)] of the datagrams waiting; others' are dropped.
 
         Returns (messages, dropped) where dropped counts datagrams from a uid
         that may not speak for this worker, or from a process that is neither
-        `main_pid` (the worker) nor one of its descendants.
+        `main_pid` (the worker) nor one of its descendants. No `main_pid`: any
+        process of an allowed uid (a socket in a private directory: the router's).
         """
         messages, dropped = [], 0
         while True:
@@ -66,7 +76,8 @@ class NotifySocket:
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= _UCRED.size:
                     creds = _UCRED.unpack(payload[:_UCRED.size])
-            if creds is None or creds[1] not in self.allowed or not descends_from(creds[0], main_pid):
+            if creds is None or creds[1] not in self.allowed or (
+                    main_pid is not None and not descends_from(creds[0], main_pid)):
                 dropped += 1
                 continue
             messages.append((parse(data), creds[0]))

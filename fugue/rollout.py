@@ -1,0 +1,149 @@
+"""A generation's life: started (HUP, fuguectl reload, a watched change, the start),
+READY, promoted or rolled back; and the watch trigger that starts one.
+
+Who calls it: fugue.master (the wiring). What it promises: at most one
+generation rolls out at a time, beside the one serving (`blocker` says why a new
+one cannot start); numbers are never reused, even after a rollback; every
+outcome is logged once, recorded as `last_event` and told to the waiters
+(fuguectl reload). Which workers start or stop is policy.decide's and the
+pool's business: this module keeps the generations' records and says what
+happened.
+"""
+
+import logging
+import os
+import time
+
+from .system import SYSTEM
+
+log = logging.getLogger("fugue")
+
+
+class Rollout:
+    """A generation being rolled out: by a reload, or the first one at start."""
+
+    def __init__(self, generation, source, now, initial=False):
+        self.generation = generation
+        self.source = source
+        self.started = now
+        self.initial = initial
+        self.waiters = []   # callables(ok, text), e.g. control clients
+
+
+def blocker(stopping, rolling_out, upgrading, old_master_draining, draining):
+    """Why a new generation cannot start now, or None. Pure. Never more than two generations:
+    `draining` lists the older generations whose workers still run."""
+    if stopping:
+        return "the master is stopping"
+    if rolling_out is not None:
+        return f"generation {rolling_out.generation} is still starting"
+    if upgrading:
+        return "an upgrade is in progress"
+    if old_master_draining:
+        return "the old master is still draining"
+    if draining:
+        return f"generation {draining[0]} is still draining"
+    return None
+
+
+class Generations:
+    """The serving generation, the one rolling out (`pending`), and the last outcome."""
+
+    def __init__(self, first_generation=1, system=SYSTEM):
+        self.serving = first_generation - 1
+        self.last_number = self.serving   # numbers are never reused, even after a rollback
+        self.pending = None               # Rollout
+        self.last_event = None            # (what, ok, text, when) of the last start/reload/upgrade
+        self.system = system
+
+    def pending_generation(self):
+        return self.pending.generation if self.pending else None
+
+    def begin(self, source, workers, initial=False, waiter=None):
+        """Number and record a new generation; the caller has checked `blocker`."""
+        gen = self.last_number = self.last_number + 1
+        self.pending = Rollout(gen, source, self.system.monotonic(), initial=initial)
+        if waiter:
+            self.pending.waiters.append(waiter)
+        if not initial:
+            self.system.notify("RELOADING=1", f"STATUS=reloading: generation {gen}",
+                               f"MONOTONIC_USEC={int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)}")
+            log.info("reload (%s): starting generation %d", source, gen)
+        else:
+            log.info("starting generation %d: %d worker%s", gen, workers, "" if workers == 1 else "s")
+        return self.pending
+
+    def promote(self, generation, now):
+        """All of the pending generation is READY: it serves. Returns (its Rollout, the outcome's text).
+        The caller tells the world for a start (launcher, old master, systemd); a reload is told here."""
+        rollout, self.pending = self.pending, None
+        self.serving = generation
+        text = f"generation {generation} serving ({now - rollout.started:.2f}s)"
+        self.record("start" if rollout.initial else "reload", True, text)
+        log.info("%s: %s", "started" if rollout.initial else "reload done", text)
+        self._tell(rollout, True, text)
+        if not rollout.initial:
+            self.system.notify("READY=1", f"STATUS={text}")
+        return rollout, text
+
+    def rollback(self, reason):
+        """The pending generation failed (`reason`); the serving one goes on, or at start the
+        master gives up (the caller stops). Returns the Rollout rolled back."""
+        rollout, self.pending = self.pending, None
+        if rollout.initial:
+            text = f"start failed: {reason}"
+            log.error("%s", text)
+            self.record("start", False, text)
+        else:
+            text = f"reload failed: {reason}; generation {self.serving} keeps serving"
+            log.error("%s", text)
+            self.record("reload", False, text)
+            self.system.notify("READY=1", f"STATUS={text}")
+        self._tell(rollout, False, text)
+        return rollout
+
+    def record(self, what, ok, text):
+        """The last outcome, as `fuguectl status` shows it (upgrades are recorded here too)."""
+        self.last_event = (what, ok, text, self.system.wall())
+
+    def _tell(self, rollout, ok, text):
+        for waiter in rollout.waiters:
+            waiter(ok, text)
+        rollout.waiters = []
+
+
+class WatchTrigger:
+    """Watch mode: changed files reload once the tree has been quiet for watch_settle,
+    and never during a rollout or a drain (the change waits for it to end)."""
+
+    def __init__(self, watcher, start_dir, settle):
+        self.watcher = watcher
+        self.start_dir = start_dir
+        self.settle = settle
+        self.pending = False    # a change seen, not yet reloaded
+
+    def take(self):
+        """The watcher's reader: note what changed; True if anything did."""
+        changed = self.watcher.take()
+        if not changed:
+            return False
+        shown = ", ".join(os.path.relpath(p, self.start_dir) for p in changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        log.info("changed: %s%s", shown, more)
+        self.pending = True
+        return True
+
+    def due(self, blocked):
+        """True if a reload should start now (the caller starts it, then calls fired)."""
+        # blocked: a reload or a drain is under way; retried when it ends (promote, rollback, reap).
+        # Not quiet yet: files are still changing; deadline() says when to look again.
+        return self.pending and not blocked and self.watcher.quiet_for() >= self.settle
+
+    def fired(self):
+        self.pending = False
+
+    def deadline(self, now):
+        """When a pending change may be due, or None."""
+        if not self.pending:
+            return None
+        return now + max(0.01, self.settle - self.watcher.quiet_for())
