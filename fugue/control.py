@@ -20,6 +20,7 @@ from .config import MAX_WORKERS
 from .errors import Refused
 from .fds import bind_unix_path, connect_unix_path, peer_credentials
 from .policy import LIVE
+from .status import collect
 
 log = logging.getLogger("fugue")
 
@@ -271,8 +272,6 @@ class ControlServer:
         if waiting and not force:
             return
         del self.pending_status[seq]
-        from .status import collect
-
         deliver(collect(self.master))
 
     def deadline(self):

@@ -31,6 +31,7 @@ from .health import Drain
 from .pool import Pool
 from .rollout import Generations, WatchTrigger, blocker
 from .shell import Shell
+from .status import StatusServer
 from .system import SYSTEM
 from .workers import describe_status
 
@@ -108,9 +109,7 @@ class Master(Shell):
         if self.cfg.watch:
             self._start_watcher()
         if self.cfg.status_bind:
-            from . import status
-
-            self.status_server = status.StatusServer(self, self.cfg.status_bind)
+            self.status_server = StatusServer(self, self.cfg.status_bind)
             self.loop.add_reader(self.status_server.sock, self.status_server.accept)
 
     def _start_watcher(self):

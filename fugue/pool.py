@@ -20,6 +20,7 @@ import time
 from . import policy, protocol, workers
 from .config import MAX_WORKERS
 from .fds import recv_with_fds, send_with_fds
+from .foreign import NotifySocket
 from .policy import WorkerState
 from .system import SYSTEM
 
@@ -99,8 +100,6 @@ class Pool:
                 env = workers.worker_env(slot, generation)
                 env["LISTEN_FDNAMES"] = ":".join(lst.name for lst in self.listeners)
                 if self.cfg.ready_mode == "notify":
-                    from .foreign import NotifySocket
-
                     uid = self.identity.uid if self.identity.uid is not None else os.getuid()
                     notify_sock = NotifySocket(slot, generation, {0, uid, os.getuid()})
                     env["NOTIFY_SOCKET"] = notify_sock.address

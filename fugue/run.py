@@ -13,6 +13,7 @@ from . import keeper, notify, upgrade
 from .config import DEFAULT_TMP_PATHS
 from .daemon import Logs, check_pid_file, daemonize, setup_logging, tell_launcher
 from .errors import FugueError
+from .master import Master
 from .fds import close_listeners, open_listeners, systemd_listeners
 from .shell import PidFile
 from .workers import Identity
@@ -42,8 +43,6 @@ def check_paths(cfg):
 
 def run_master(cfg, target):
     """Bind (or adopt, or take over on upgrade), daemonize, run the loop. Returns the exit status."""
-    from .master import Master
-
     setup_logging(cfg.verbose, cfg.log_level, cfg.log_format)
     logging.raiseExceptions = False  # a full disk must not turn log lines into tracebacks
     cfg = check_paths(cfg)

@@ -73,7 +73,7 @@ class Shell:
         """Run directory, process title, pid file, control socket; FugueError on failure."""
         self.run_dir = make_run_dir(self.cfg.path("tmp_path"))
         try:
-            import setproctitle
+            import setproctitle  # installed with fugue, but a missing one costs only the title
 
             setproctitle.setproctitle(title)
         except ImportError:

@@ -76,7 +76,7 @@ def _int(value):
 
 def StatusServer(master, bind):  # noqa: N802 - a class to its caller (master.setup)
     """The management HTTP listener (--status-bind); see fugue.statushttp."""
-    from .statushttp import StatusServer as cls
+    from .statushttp import StatusServer as cls  # only with status_bind: it may load prometheus_client
 
     return cls(master, bind)
 
