@@ -156,20 +156,23 @@ def test_python_m_fugue_router_runs_as_documented(fugue_proc, workdir):
     (workdir / "apps.toml").write_text(CONFIG.format(sniff_timeout=5.0, extra="", top=""))
     env = {"PYTHONPATH": ROOT}
     p = fugue_proc([PY, "-m", "fugue.router", "-c", "apps.toml"])
-    p.wait_log(r"router serving 2 apps", timeout=20)
-    pid = p.master_pid()
-    port = int(p.wait_log(r"listening on 127\.0\.0\.1:(\d+)").group(1))
-    assert get(port, "alpha.test")[1].startswith("alpha worker")
-    assert get(port, "beta.test")[1].startswith("beta worker")
 
     def command(*args):
         return subprocess.run([PY, "-m", "fugue.router", "-c", "apps.toml", *args], cwd=workdir,
                               env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
 
-    status = command("status")
-    assert status.returncode == 0, status.stderr
-    data = json.loads(status.stdout)
-    assert data["router"]["pid"] == pid and set(data["apps"]) == {"alpha", "beta"}
+    def serving():  # the router's own status (its control socket), not its log, says when
+        status = command("status")
+        data = json.loads(status.stdout) if status.returncode == 0 else {}
+        apps = data.get("apps") or {}
+        return data if set(apps) == {"alpha", "beta"} and all(a["state"] == "ready" for a in apps.values()) else None
+
+    data = wait_for(serving, 30, "both apps ready in python -m fugue.router -c apps.toml status")
+    pid = p.master_pid()
+    assert data["router"]["pid"] == pid
+    port = int(data["router"]["listeners"][0]["address"].rpartition(":")[2])
+    assert get(port, "alpha.test")[1].startswith("alpha worker")
+    assert get(port, "beta.test")[1].startswith("beta worker")
     stop = command("stop")
     assert stop.returncode == 0 and stop.stdout.strip() == "stopping", stop.stdout + stop.stderr
     assert p.wait_exit() == 0
