@@ -1,8 +1,9 @@
 """The operating system as the state machines see it: one seam that tests replace.
 
-Who calls it: fugue.upgrade, fugue.pool, fugue.rollout and fugue.shell through
-a `System` passed in by their owner (SYSTEM by default); tests pass a subclass
-that records what was asked and answers from a table. What it promises: each
+Who calls it: fugue.upgrade, fugue.pool, fugue.rollout, fugue.shell (the master
+and the router) and fugue.appmasters, through a `System` passed in by their
+owner (SYSTEM by default); tests pass a subclass that records what was asked
+and answers from a table (tests/test_*_table.py). What it promises: each
 method does one thing to the OS and nothing else; the real one, SYSTEM, is
 stateless.
 """
