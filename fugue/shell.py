@@ -9,8 +9,9 @@ fugue.run use PidFile. What it promises:
 - the run directory tmp_path/fugue-PID is made only in a tmp_path that passes
   the ownership, sticky and symlink checks, after sweeping what killed
   masters left there; it holds the control socket and goes at exit;
-- the pid file has one writer, PidFile; nothing else in fugue writes, renames
-  or removes a pid file;
+- the pid file has one writer, PidFile: the master, the router and the upgrade
+  write, rename and remove it only through it (the keeper, a parent of masters,
+  only removes a pid file a killed master left);
 - the launcher's ready pipe (daemonize) hears the outcome once: ok when the
   owner serves, or the reason it stopped, last of all at exit;
 - a stop is graceful or quick, once each; shutdown leaves nothing behind.
