@@ -51,13 +51,16 @@ OS), never in a cycle; tests/test_imports.py holds the code to this map.
       routecontrol  the router's control commands
       router      routed mode: sniffing and routing connections to apps' inboxes
       keeper      the stable parent under systemd and as PID 1; the master is its child
-  tier entry points:  run routed ctl worker _boot _appboot fugue
+  tier entry points:  run routed ctl worker mold _boot _appboot _mold fugue
       run         starting a master: checks, bind or take over, daemonize, run
       routed      starting a router, and python -m fugue.router's commands
       ctl         fuguectl; it never imports master
       worker      a worker process: listeners, privileges, the adapter, the channel
+      mold        preload: the interpreter of a generation that imports the app and
+                  forks its workers (its master side must not live here: pool is above)
       _boot       python -m fugue._boot: a worker's entry point
       _appboot    python -m fugue._appboot: an app master's entry point
+      _mold       python -m fugue._mold: a preload mold's entry point
       fugue       this file: fugue.start and the API an app calls
   adapters/*: one module per kind of server; they import each other and the pure and
       mechanisms tiers, never the master's side.
