@@ -140,7 +140,7 @@ class Master(Shell):
         Timers first: a due one may start a rollout (watch) that decide must see now.
         """
         timers = [self.upgrade.check_deadline(self.system.monotonic()) if self.upgrade else None,
-                  self._watch_deadline(),
+                  self._watch_timer(),
                   self.control.deadline() if self.control else None, self.drain.tick()]
         for _ in range(4):
             now = self.system.monotonic()
@@ -271,8 +271,9 @@ class Master(Shell):
         if self.watch.take():
             self._reload_from_watch()
 
-    def _watch_deadline(self):
-        """A pending watched change reloads once the tree has been quiet for watch_settle."""
+    def _watch_timer(self):
+        """A timer (it acts): a pending watched change reloads once the tree has been quiet
+        for watch_settle. Returns when to look again, or None."""
         if self.watch is None or not self.watch.pending or self.gens.pending is not None:
             return None
         self._reload_from_watch()
