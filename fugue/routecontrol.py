@@ -111,7 +111,7 @@ class RouterControl(ControlServer):
 
     def status(self, done, only=None):
         apps = [self.app_named(only)] if only else list(self.router.apps.values())
-        out = {"router": self.router.router_status(), "apps": {}}
+        out = {"router": self.router_status(), "apps": {}}
         waiting = {app.name for app in apps}
 
         def finish():
@@ -133,3 +133,15 @@ class RouterControl(ControlServer):
             else:
                 waiting.discard(app.name)
         finish()
+
+    def router_status(self):
+        """The router itself, as `fuguectl status` shows it."""
+        r = self.router
+        return {
+            "pid": os.getpid(), "uptime": round(r.system.monotonic() - r.started, 3),
+            "config": r.rc.path, "stopping": r.stopping,
+            "listeners": [lst.describe() for lst in r.listeners],
+            "sniffing": sum(1 for c in r.conns.values() if c.state == "sniff"),
+            "counters": dict(r.counters),
+            "sniff_timeout": r.sniff_timeout, "default_app": r.default_app,
+        }

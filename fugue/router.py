@@ -483,16 +483,6 @@ class Router(Shell):
         for conn in list(self.conns.values()):
             self.close(conn)
 
-    def router_status(self):
-        return {
-            "pid": os.getpid(), "uptime": round(self.system.monotonic() - self.started, 3),
-            "config": self.rc.path, "stopping": self.stopping,
-            "listeners": [lst.describe() for lst in self.listeners],
-            "sniffing": sum(1 for c in self.conns.values() if c.state == "sniff"),
-            "counters": dict(self.counters),
-            "sniff_timeout": self.sniff_timeout, "default_app": self.default_app,
-        }
-
 
 def _peer_text(peer):
     if isinstance(peer, (tuple, list)) and len(peer) >= 2:
