@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from fugue import config, daemon, notify
+from fugue import config, notify
 from fugue.apps import ENV_APP
 from fugue.errors import FugueError
 from fugue.run import run_master
@@ -23,12 +23,11 @@ def main():
     try:
         spec = json.loads(os.environ[ENV_APP])
         name = spec["name"]
-        # One log for the router and every app: say whose master a line is from.
-        daemon.LOG_FORMAT = daemon.LOG_FORMAT.replace("[master]", f"[master {name}]")
         options = dict(spec["options"])
         options["bind"] = [f"inbox:{spec['inbox']}"]
         cfg = config.build(options, start_dir=spec["start_dir"])
-        status = run_master(cfg, spec["target"])
+        # One log for the router and every app: say whose master a line is from.
+        status = run_master(cfg, spec["target"], role=f"master {name}")
     except FugueError as e:
         notify.claim()
         notify.send(f"STATUS=start failed: {e}")  # the router says why the app did not start

@@ -12,7 +12,6 @@ import errno
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -21,7 +20,7 @@ from .errors import FugueError
 
 log = logging.getLogger("fugue")
 
-LOG_FORMAT = "%(asctime)s [%(process)d] [master] %(levelname)s %(message)s"
+LOG_FORMAT = "%(asctime)s [%(process)d] [{role}] %(levelname)s %(message)s"  # role: whose line it is
 
 
 # -- pid file ------------------------------------------------------------------
@@ -373,11 +372,11 @@ def make_formatter(log_format, text_format, fields):
     return JsonFormatter(fields) if log_format == "json" else logging.Formatter(text_format)
 
 
-def setup_logging(verbose, log_level="info", log_format="text"):
-    """The master's (or the router's) log: fd 2, at `log_level` (debug if verbose), text or JSON."""
-    role = re.search(r"\] \[([^\]]+)\]", LOG_FORMAT)
+def setup_logging(verbose, log_level="info", log_format="text", role="master"):
+    """The log of a master, a router ("router"), an app's master ("master NAME") or a keeper
+    ("keeper"): fd 2, at `log_level` (debug if verbose), text or JSON, each line naming `role`."""
     handler = LogHandler(2)
-    handler.setFormatter(make_formatter(log_format, LOG_FORMAT, {"role": role.group(1) if role else "master"}))
+    handler.setFormatter(make_formatter(log_format, LOG_FORMAT.replace("{role}", role), {"role": role}))
     root = logging.getLogger("fugue")
     root.handlers[:] = [handler]
     root.setLevel(level_of(verbose, log_level))

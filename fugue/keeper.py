@@ -109,8 +109,7 @@ class Keeper:
     def run(self):
         from . import daemon
 
-        daemon.LOG_FORMAT = daemon.LOG_FORMAT.replace("[master]", "[keeper]")  # whose line it is
-        daemon.setup_logging(self.cfg.verbose, self.cfg.log_level, self.cfg.log_format)
+        daemon.setup_logging(self.cfg.verbose, self.cfg.log_level, self.cfg.log_format, role="keeper")
         _become_subreaper()
         notify.claim()  # systemd's socket is ours; the masters get the keeper's
         # Named as a master's run directory (fugue-PID, 0700): as short, and swept the same

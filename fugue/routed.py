@@ -17,7 +17,7 @@ import os
 import sys
 
 from . import apps as appconf
-from . import config, daemon, notify
+from . import config, notify
 from .control import request
 from .daemon import Logs, check_pid_file, daemonize, read_pid, setup_logging, tell_launcher
 from .errors import ConfigError, FugueError
@@ -36,8 +36,7 @@ def start(config_path, overrides=None):
     line) for anything the user can fix, before daemonizing when possible.
     """
     rc = appconf.load(config_path, overrides=overrides)
-    daemon.LOG_FORMAT = daemon.LOG_FORMAT.replace("[master]", "[router]")
-    setup_logging(rc.cfg.verbose, rc.cfg.log_level, rc.cfg.log_format)
+    setup_logging(rc.cfg.verbose, rc.cfg.log_level, rc.cfg.log_format, role="router")
     logging.raiseExceptions = False
     cfg = check_paths(rc.cfg)
     rc = appconf.RouterConfig(rc.path, cfg, rc.router, rc.apps)

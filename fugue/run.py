@@ -41,9 +41,10 @@ def check_paths(cfg):
     return cfg.replace(working_path=working)
 
 
-def run_master(cfg, target):
-    """Bind (or adopt, or take over on upgrade), daemonize, run the loop. Returns the exit status."""
-    setup_logging(cfg.verbose, cfg.log_level, cfg.log_format)
+def run_master(cfg, target, role="master"):
+    """Bind (or adopt, or take over on upgrade), daemonize, run the loop. Returns the exit status.
+    `role` names the master in its log lines (an app's master in routed mode: "master NAME")."""
+    setup_logging(cfg.verbose, cfg.log_level, cfg.log_format, role=role)
     logging.raiseExceptions = False  # a full disk must not turn log lines into tracebacks
     cfg = check_paths(cfg)
     identity = Identity(cfg.uid, cfg.gid)
