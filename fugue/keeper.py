@@ -45,6 +45,7 @@ from .errors import FugueError
 from .fds import bind_unix_path, close_listeners
 from .loop import Loop
 from .protocol import ENV_UPGRADE_SOCK
+from .shell import make_run_dir
 from .workers import _place_listen_fds, child_signals, describe_status, fork_quietly, reaped
 
 log = logging.getLogger("fugue")
@@ -112,13 +113,10 @@ class Keeper:
         daemon.setup_logging(self.cfg.verbose, self.cfg.log_level, self.cfg.log_format, role="keeper")
         _become_subreaper()
         notify.claim()  # systemd's socket is ours; the masters get the keeper's
-        # Named as a master's run directory (fugue-PID, 0700): as short, and swept the same
-        # way when a killed keeper left it behind.
-        path = os.path.join(self.cfg.path("tmp_path"), f"fugue-{os.getpid()}")
+        # A run directory as a master's (tmp_path/fugue-PID, 0700, made safely; swept the
+        # same way when a killed keeper left it behind).
+        self.dir = path = make_run_dir(self.cfg.path("tmp_path"))
         try:
-            shutil.rmtree(path, ignore_errors=True)  # a dead process of ours had this pid
-            os.mkdir(path, 0o700)
-            self.dir = path
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             bind_unix_path(self.sock, os.path.join(path, "notify.sock"))  # a deep tmp_path too
