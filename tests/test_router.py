@@ -19,6 +19,7 @@ import pytest
 
 from conftest import PY, ROOT, wait_for
 from fugue import control
+from fugue.protocol import ProtocolError
 from fugue.apps import parse
 from fugue.errors import ConfigError
 
@@ -53,8 +54,19 @@ workers = 1
 def start_router(fugue_proc, workdir, sniff_timeout=5.0, extra="", top=""):
     (workdir / "apps.toml").write_text(CONFIG.format(sniff_timeout=sniff_timeout, extra=extra, top=top))
     p = fugue_proc(["fuguectl", "start", "-c", "apps.toml"])
-    p.wait_log(r"router serving \d+ apps", timeout=20)
+    wait_for(lambda: serving(p), 30, "every app ready in the router's status")
     return p
+
+
+def serving(p):
+    """The router's status once every app's master has said READY (its control socket's
+    reply, not its log), else None."""
+    try:
+        data = ask(p, "status", timeout=5)["data"]
+    except (OSError, ProtocolError, KeyError, TypeError):
+        return None  # not listening yet
+    apps = (data or {}).get("apps") or {}
+    return data if apps and all(a.get("state") == "ready" for a in apps.values()) else None
 
 
 def ask(p, cmd, timeout=30, **fields):
