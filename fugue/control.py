@@ -19,7 +19,7 @@ from . import protocol
 from .config import MAX_WORKERS
 from .errors import Refused
 from .fds import bind_unix_path, connect_unix_path, peer_credentials
-from .policy import LIVE
+from .policy import LIVE, WorkerState
 from .status import collect
 
 log = logging.getLogger("fugue")
@@ -156,9 +156,9 @@ class ControlServer:
         if cmd == "pid":
             self.reply(conn, True, str(os.getpid()), {"pid": os.getpid()})
         elif cmd == "reload":
-            m.begin_rollout("fuguectl", waiter=lambda ok, text: self.reply(conn, ok, text))
+            m.ask("reload", "fuguectl", waiter=lambda ok, text: self.reply(conn, ok, text))
         elif cmd == "upgrade":
-            m.begin_upgrade(waiter=lambda ok, text: self.reply(conn, ok, text))
+            m.ask("upgrade", "fuguectl", waiter=lambda ok, text: self.reply(conn, ok, text))
         elif cmd == "stop":
             m.begin_stop("quick" if msg.get("quick") else "graceful")
             held = m.drain.describe() if m.stopping is None else None
@@ -218,7 +218,9 @@ class ControlServer:
         seq = next(self._seq)
         waiting = set()
         for w in m.workers.values():
-            if w.state in LIVE and not w.foreign and m.send(w, protocol.STATS, seq=seq):
+            # Draining workers too: what they still hold is what an operator asks status for.
+            if (w.state in LIVE or w.state is WorkerState.DRAINING) and not w.foreign and m.send(
+                    w, protocol.STATS, seq=seq):
                 waiting.add(w.pid)
         self.pending_status[seq] = [deliver, waiting, time.monotonic() + STATUS_WAIT]
         self._maybe_finish(seq)

@@ -23,13 +23,13 @@ import logging
 import os
 import signal
 
-from . import policy, protocol, upgrade
+from . import policy, protocol, reconfig, upgrade
 from .control import ControlServer
-from .errors import Refused
+from .errors import ConfigError, FugueError, Refused
 from .fds import close_listeners, refuse_new_clients
 from .health import Drain
 from .pool import Pool
-from .rollout import Generations, WatchTrigger, blocker
+from .rollout import Asks, Generations, WatchTrigger, waits_for
 from .shell import Shell
 from .status import StatusServer
 from .system import SYSTEM
@@ -60,6 +60,7 @@ class Master(Shell):
         self.pool = Pool(cfg, target, identity, logs, listeners, self.loop, self.name,
                          on_request=self._worker_request, system=system)
         self.gens = Generations(first_generation, system=system)
+        self.asks = Asks()              # reloads and upgrades asked for, not begun yet
         self.upgrade = None             # old master: the upgrade.Upgrade in flight
         self.watcher = None             # watch mode: the fugue.watch.Watcher
         self.watch = None               # ... and its rollout.WatchTrigger
@@ -137,12 +138,14 @@ class Master(Shell):
     def step(self):
         """timers -> decide -> act, until decide has nothing more to do; returns the next deadline.
 
-        Timers first: a due one may start a rollout (watch) that decide must see now.
+        Timers first: a due one may start a rollout (watch) that decide must see now; and
+        first of all what was asked and can begin now (a rollout that ended frees the way).
         """
         timers = [self.upgrade.check_deadline(self.system.monotonic()) if self.upgrade else None,
                   self._watch_timer(),
                   self.control.deadline() if self.control else None, self.drain.tick()]
         for _ in range(4):
+            self.begin_asked()  # a promotion or rollback of the pass before may free the way
             now = self.system.monotonic()
             actions, deadline = policy.decide(self.snapshot(now))
             if not actions:
@@ -224,19 +227,84 @@ class Master(Shell):
     # -- reload: rollout, promote, rollback -------------------------------------------
 
     def begin_rollout(self, source, initial=False, waiter=None):
-        """Start a new generation (HUP, fuguectl reload, a watched change, or the start)."""
-        why = self.reload_blocker(initial)
-        if why:
-            raise Refused(f"reload refused: {why}")
+        """The first generation, at start (a reload is asked for: `ask`)."""
         self.gens.begin(source, self.pool.target_count, initial=initial, waiter=waiter)
         self.pool.forget_backoff()
 
-    def reload_blocker(self, initial=False):
-        """Why a new generation cannot start now, or None. Never more than two generations."""
-        stopping = self.stopping or self.drain.stop_at is not None  # drain_delay: the stop has begun
-        return blocker(stopping, self.gens.pending, self.upgrade is not None,
-                       not initial and self.old_master_draining(),
-                       self.pool.draining_generations(self.gens.serving))
+    # -- what the operator asks for: queued, coalesced, begun in turn ---------------------
+
+    def ask(self, kind, source, waiter=None):
+        """HUP, USR2, fuguectl reload/upgrade, a watched change: never refused for being
+        early. It waits its turn behind the rollout or upgrade under way (joining one of
+        its kind already waiting) and begins as soon as it can; the waiter hears its outcome."""
+        if self.stop_decided():
+            raise Refused(f"{kind} refused: the master is stopping")
+        asked, joined = self.asks.ask(kind, source, self.system.monotonic(), waiter)
+        why = self.waits_for(kind)
+        if joined:
+            log.info("%s (%s) joins the %s already waiting (%s)", kind, source, kind, why or "next")
+        elif why:
+            log.info("%s (%s) waits its turn: %s", kind, source, why)
+        self.begin_asked()
+
+    def stop_decided(self):
+        """Stopping, or about to (drain_delay: /healthz says 503 until the stop begins)."""
+        return self.stopping is not None or self.drain.stop_at is not None
+
+    def waits_for(self, kind):
+        return waits_for(kind, self.gens.pending, self.upgrade is not None, self.old_master_draining(),
+                         self.pool.draining_generations(self.gens.serving))
+
+    def begin_asked(self):
+        """Begin what was asked first, if nothing it must wait for is under way."""
+        while self.asks.head() is not None and not self.stop_decided():
+            if self.waits_for(self.asks.head().kind):
+                return
+            asked = self.asks.take()
+            if asked.kind == "reload":
+                self.begin_reload(asked)
+            else:
+                self.begin_upgrade(asked)
+
+    def begin_reload(self, asked):
+        """A new generation, with the code and the configuration on disk now."""
+        try:
+            fresh = reconfig.reread(self.cfg, self.pool.target)
+        except (ConfigError, FugueError) as e:
+            text = f"reload refused: {e}; generation {self.gens.serving} keeps serving"
+            log.error("%s", text)
+            self.gens.record("reload", False, text)
+            for waiter in asked.waiters:
+                waiter(False, text)
+            return
+        note = fresh.upgrade_note()
+        if note:
+            log.warning("reload: %s", note)
+        self.apply_config(fresh)
+        rollout = self.gens.begin(asked.source(), self.pool.target_count)
+        rollout.waiters.extend(asked.waiters)
+        rollout.note = note
+        self.pool.forget_backoff()
+
+    def apply_config(self, fresh):
+        """What the config file and flags now say, as far as a new generation carries it."""
+        if not fresh.applied:
+            return
+        log.info("reload: %s", ", ".join(
+            f"{k} -> {v!r}" if k != "target" else f"target -> {v}" for k, v in fresh.applied.items()))
+        watch_changed = any(k.startswith("watch") for k in fresh.applied)
+        self.cfg = fresh.cfg
+        self.pool.reconfigure(fresh.cfg, fresh.target)
+        self.target = fresh.target
+        if "workers" in fresh.applied:
+            self.pool.scale(fresh.cfg.workers)
+        if watch_changed:
+            if self.watcher is not None:
+                self.loop.remove_reader(self.watcher.fileno())
+                self.watcher.stop()
+                self.watcher = self.watch = None
+            if self.cfg.watch:
+                self._start_watcher()
 
     def promote(self, generation, now):
         rollout, text = self.gens.promote(generation, now)
@@ -280,24 +348,26 @@ class Master(Shell):
         return self.watch.deadline(self.system.monotonic())
 
     def _reload_from_watch(self):
-        if self.watch is not None and self.watch.due(blocked=bool(self.reload_blocker())):
-            self.begin_rollout("watch")
+        if self.watch is not None and self.watch.due(blocked=self.gens.pending is not None):
             self.watch.fired()
+            self.refusable(lambda: self.ask("reload", "watch"))
 
     # -- upgrade: USR2 (fugue.upgrade) ----------------------------------------------------
 
-    def begin_upgrade(self, waiter=None):
-        """USR2, fuguectl upgrade: exec a new master that takes the listeners."""
-        # During drain_delay the stop is decided: an upgrade would undo it.
-        why = upgrade.refusal(self.stopping or self.drain.stop_at is not None, self.upgrade is not None,
-                              self.gens.pending is not None, self.old_master_draining())
-        if why:
-            raise Refused(why)
-        self.upgrade = upgrade.begin(self.cfg, self.loop, self.pid_file, self.listeners, self.gens.serving,
-                                     system=self.system)
+    def begin_upgrade(self, asked):
+        """A queued USR2 or fuguectl upgrade begins: exec a new master that takes the listeners."""
+        try:
+            self.upgrade = upgrade.begin(self.cfg, self.loop, self.pid_file, self.listeners, self.gens.serving,
+                                         system=self.system)
+        except (OSError, FugueError) as e:
+            text = f"upgrade failed: {e}; pid {os.getpid()} keeps serving"
+            log.error("%s", text)
+            self.gens.record("upgrade", False, text)
+            for waiter in asked.waiters:
+                waiter(False, text)
+            return
         self.upgrade.carry = lambda: {"drained": self.drain.manual}  # fuguectl drain outlives us
-        if waiter:
-            self.upgrade.waiters.append(waiter)
+        self.upgrade.waiters.extend(asked.waiters)
         self.loop.add_reader(self.upgrade.server, self._on_handoff_connect)
 
     def _on_handoff_connect(self):
@@ -314,9 +384,14 @@ class Master(Shell):
         return self.upgrade is not None and self.upgrade.stepped_down
 
     def step_down(self):
-        """The new master is ready: give it the pid file and drain our workers."""
+        """The new master is ready: give it the pid file and drain our workers. What was
+        asked meanwhile is the new master's now: passed on as the signal it would have been."""
         text = self.upgrade.step_down()
         self.gens.record("upgrade", True, text)
+        new = self.upgrade.pid
+        for asked in self.asks.answer_all(True, lambda a: f"{a.kind} passed on to the new master pid {new}"):
+            self.system.kill(new, signal.SIGHUP if asked.kind == "reload" else signal.SIGUSR2)
+            log.info("%s (%s) passed on to the new master pid %d", asked.kind, asked.source(), new)
         self.begin_stop("graceful", handed_over=True)
 
     def upgrade_exited(self, status):
@@ -342,10 +417,10 @@ class Master(Shell):
     # -- signals and commands (SIGNAL_COMMANDS in fugue.shell) ------------------------------
 
     def on_reload(self):
-        self.refusable(lambda: self.begin_rollout("HUP"))
+        self.refusable(lambda: self.ask("reload", "HUP"))
 
     def on_upgrade(self):
-        self.refusable(self.begin_upgrade)
+        self.refusable(lambda: self.ask("upgrade", "USR2"))
 
     def on_reopen_logs(self):
         self.reopen_logs()
@@ -389,6 +464,8 @@ class Master(Shell):
             self.listeners = []
         if self.upgrade is not None:
             self.upgrade.abort()
+        if not handed_over:
+            self.asks.answer_all(False, lambda a: f"{a.kind} refused: the master is stopping")
         if how == "quick":
             self.pool.kill_all()
 

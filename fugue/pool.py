@@ -77,6 +77,12 @@ class Pool:
         self.failures = {}              # slot -> consecutive early deaths
         self.not_before = {}            # slot -> earliest respawn (monotonic)
         self.restarts = {}              # slot -> respawns after unexpected exits
+        self.reconfigure(cfg, target)
+
+    def reconfigure(self, cfg, target):
+        """The options and target the next workers get (a reload read them again)."""
+        self.cfg = cfg
+        self.target = target
         public = cfg.public()
         self.worker_options = {k: v for k, v in public.items()
                                if isinstance(v, (str, int, float, bool, list, type(None)))}

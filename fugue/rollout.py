@@ -2,8 +2,10 @@
 READY, promoted or rolled back; and the watch trigger that starts one.
 
 Who calls it: fugue.master (the wiring). What it promises: at most one
-generation rolls out at a time, beside the one serving (`blocker` says why a new
-one cannot start); numbers are never reused, even after a rollback; every
+generation rolls out at a time, beside the one serving and those still draining
+(`waits_for` says why a new one cannot begin yet); what is asked meanwhile waits
+in `Asks`, coalesced, and is never dropped; numbers are never reused, even after
+a rollback; every
 outcome is logged once, recorded as `last_event` and told to the waiters
 (fuguectl reload). Which workers start or stop is policy.decide's and the
 pool's business: this module keeps the generations' records and says what
@@ -28,22 +30,100 @@ class Rollout:
         self.started = now
         self.initial = initial
         self.waiters = []   # callables(ok, text), e.g. control clients
+        self.note = None    # what this reload could not apply ("bind changed: needs `fuguectl upgrade`")
 
 
-def blocker(stopping, rolling_out, upgrading, old_master_draining, draining):
-    """Why a new generation cannot start now, or None. Pure. Never more than two generations:
-    `draining` lists the older generations whose workers still run."""
-    if stopping:
-        return "the master is stopping"
+# How many older generations may drain at once (beside the one serving and the one rolling
+# out). Draining never blocks a reload: a generation drains only while its workers still
+# finish work (long polls, websockets, idle keep-alive clients), each for at most
+# graceful_timeout, and most of its workers are gone at once. But each draining generation
+# keeps processes and their memory, so in a long reload storm with long-lived connections
+# the number is bounded: a reload waits (queued, never dropped) while this many drain,
+# at most graceful_timeout + 2 s, until the oldest has ended.
+MAX_DRAINING = 4
+
+KINDS = ("reload", "upgrade")
+
+
+def waits_for(kind, rolling_out, upgrading, old_master_draining, draining):
+    """Why a queued reload or upgrade cannot begin yet, or None. Pure.
+
+    Never more than one rollout and two masters at a time. A reload waits for the
+    rollout or upgrade under way, or for MAX_DRAINING draining generations; an
+    upgrade waits for the rollout or upgrade under way, and for the old master of
+    the last upgrade to be gone (a third master)."""
     if rolling_out is not None:
         return f"generation {rolling_out.generation} is still starting"
     if upgrading:
         return "an upgrade is in progress"
-    if old_master_draining:
+    if kind == "upgrade" and old_master_draining:
         return "the old master is still draining"
-    if draining:
-        return f"generation {draining[0]} is still draining"
+    if kind == "reload" and len(draining) >= MAX_DRAINING:
+        return f"{len(draining)} older generations still drain (at most {MAX_DRAINING})"
     return None
+
+
+class Asked:
+    """A reload or an upgrade asked for (HUP, USR2, fuguectl, a watched change), not begun."""
+
+    def __init__(self, kind, source, now, waiter=None):
+        self.kind = kind            # "reload" or "upgrade"
+        self.sources = [source]     # every ask it answers (the first few and a count)
+        self.count = 1
+        self.since = now
+        self.waiters = [waiter] if waiter else []
+
+    def source(self):
+        """'HUP', or 'HUP x20' when several asks were coalesced into this one."""
+        if self.count == 1:
+            return self.sources[0]
+        kinds = sorted(set(self.sources))
+        return f"{'+'.join(kinds)} x{self.count}"
+
+
+class Asks:
+    """What the operator asked for that has not begun yet: at most one reload and one
+    upgrade, in the order they were first asked.
+
+    An ask of a kind already waiting joins it (coalesces): when it begins it reads the
+    code and the configuration on disk then, which is after every ask it answers, so
+    the code on disk at the last HUP is what ends up serving. Nothing is dropped: each
+    waiter (`fuguectl reload`) hears the outcome of the one that answered it."""
+
+    def __init__(self):
+        self.waiting = []
+
+    def ask(self, kind, source, now, waiter=None):
+        """Queue an ask; returns (the Asked, True if it joined one already waiting)."""
+        for asked in self.waiting:
+            if asked.kind == kind:
+                asked.count += 1
+                if len(asked.sources) < 16:
+                    asked.sources.append(source)
+                if waiter:
+                    asked.waiters.append(waiter)
+                return asked, True
+        asked = Asked(kind, source, now, waiter)
+        self.waiting.append(asked)
+        return asked, False
+
+    def head(self):
+        return self.waiting[0] if self.waiting else None
+
+    def take(self):
+        return self.waiting.pop(0)
+
+    def answer_all(self, ok, text_of):
+        """Tell every waiter (`text_of(asked)`) and forget them all: the master stops or hands over."""
+        waiting, self.waiting = self.waiting, []
+        for asked in waiting:
+            for waiter in asked.waiters:
+                waiter(ok, text_of(asked))
+        return waiting
+
+    def describe(self):
+        """For status: what waits, in order."""
+        return [{"kind": a.kind, "source": a.source()} for a in self.waiting]
 
 
 class Generations:
@@ -60,7 +140,7 @@ class Generations:
         return self.pending.generation if self.pending else None
 
     def begin(self, source, workers, initial=False, waiter=None):
-        """Number and record a new generation; the caller has checked `blocker`."""
+        """Number and record a new generation; the caller has checked `waits_for`."""
         gen = self.last_number = self.last_number + 1
         self.pending = Rollout(gen, source, self.system.monotonic(), initial=initial)
         if waiter:
@@ -107,6 +187,8 @@ class Generations:
         self.last_event = (what, ok, text, self.system.wall())
 
     def _tell(self, rollout, ok, text):
+        if rollout.note:
+            text = f"{text}; {rollout.note}"
         for waiter in rollout.waiters:
             waiter(ok, text)
         rollout.waiters = []

@@ -51,6 +51,7 @@ def collect(master):
             "pid": os.getpid(), "name": master.name, "uptime": round(now - master.started, 3),
             "started": master.started_wall, "generation": master.generation,
             "pending_generation": master.rollout.generation if master.rollout else None,
+            "asked": master.asks.describe() if hasattr(master, "asks") else [],
             "workers_wanted": master.target_count,
             "stopping": master.stopping,
             "draining": master.drain.describe() if hasattr(master, "drain") else None,

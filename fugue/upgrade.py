@@ -50,22 +50,9 @@ from .workers import describe_status
 
 log = logging.getLogger("fugue")
 
-__all__ = ["ENV_SOCK", "ENV_FROM", "refusal", "begin", "Upgrade", "connect", "Handoff", "report_failure"]
+__all__ = ["ENV_SOCK", "ENV_FROM", "begin", "Upgrade", "connect", "Handoff", "report_failure"]
 
 DEADLINE_MARGIN = 10.0  # seconds a new master gets beyond ready_timeout (its own start-up, the handoff)
-
-
-def refusal(stopping, upgrading, reloading, old_master_draining):
-    """Why an upgrade cannot start now (the text of a Refused), or None. Pure."""
-    if stopping:
-        return "upgrade refused: the master is stopping"
-    if upgrading:
-        return "upgrade refused: an upgrade is already in progress"
-    if reloading:
-        return "upgrade refused: a reload is in progress"
-    if old_master_draining:
-        return "upgrade refused: the old master is still draining"
-    return None
 
 
 # -- the old master's side ------------------------------------------------------------

@@ -89,17 +89,25 @@ def test_rolling_reload_rolls_back(fugue_proc, workdir):
     assert generations(p) == {1}
 
 
-def test_reload_refused_while_one_is_in_progress(fugue_proc, workdir):
+def test_hup_and_usr2_during_a_reload_wait_their_turn(fugue_proc, workdir):
     p = fugue_proc(["app.py", "0", "1"]).started()
+    old = p.master_pid()
     (workdir / "behaviour.json").write_text(json.dumps({"ready_delay": 1.5, "version": "v2"}))
     p.signal(signal.SIGHUP)
     p.wait_log(r"reload \(HUP\): starting generation 2")
+    (workdir / "behaviour.json").write_text(json.dumps({"ready_delay": 0.2, "version": "v3"}))
     p.signal(signal.SIGHUP)
-    p.wait_log(r"reload refused: generation 2 is still starting")
+    p.wait_log(r"reload \(HUP\) waits its turn: generation 2 is still starting")
     p.signal(signal.SIGUSR2)
-    p.wait_log(r"upgrade refused: a reload is in progress")
+    p.wait_log(r"upgrade \(USR2\) waits its turn: generation 2 is still starting")
+    # In the order asked: generation 2, then the HUP's generation 3, then the upgrade.
     p.wait_log(r"reload done: generation 2 serving")
-    assert "generation 3" not in p.log()
+    p.wait_log(r"reload \(HUP\): starting generation 3")
+    p.wait_log(r"reload done: generation 3 serving")
+    new = int(p.wait_log(r"upgrade done: new master pid (\d+) serving").group(1))
+    assert new != old and "refused" not in p.log()
+    wait_for(lambda: p.master_pid() == new, what="the new master's pid file")
+    assert versions(p) == {"v3"}
 
 
 def test_idle_keepalive_connection_survives_reload(fugue_proc, workdir):
@@ -184,16 +192,21 @@ def test_usr2_with_failing_workers_rolls_back(fugue_proc, workdir):
     wait_for(lambda: len(p.pids()) == 2, what="only the old master and its worker left")
 
 
-def test_second_usr2_during_upgrade_refused(fugue_proc, workdir):
+def test_second_usr2_during_upgrade_is_passed_on_to_the_new_master(fugue_proc, workdir):
     p = fugue_proc(["app.py", "0", "1"]).started()
     old = p.master_pid()
     (workdir / "behaviour.json").write_text(json.dumps({"ready_delay": 1.5}))
     p.signal(signal.SIGUSR2, old)
     p.wait_log(r"upgrade: listeners handed to pid")
     p.signal(signal.SIGUSR2, old)
-    p.wait_log(r"upgrade refused: an upgrade is already in progress")
-    p.wait_log(r"upgrade done")
-    assert p.count_log(r"upgrade: started new master") == 1
+    p.wait_log(r"upgrade \(USR2\) waits its turn: an upgrade is in progress")
+    second = int(p.wait_log(r"upgrade done: new master pid (\d+)").group(1))
+    p.wait_log(r"upgrade \(USR2\) passed on to the new master pid %d" % second)
+    # The new master runs it once its old master is gone: never three masters.
+    third = int(p.wait_log(r"upgrade done: new master pid (\d+)", count=2).group(1))
+    assert len({old, second, third}) == 3
+    assert p.count_log(r"upgrade: started new master") == 2
+    wait_for(lambda: p.master_pid() == third, what="the third master's pid file")
 
 
 def test_symlink_deploy_then_usr2_serves_new_release(fugue_proc, workdir, tmp_path):

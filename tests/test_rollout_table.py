@@ -6,7 +6,7 @@ Pure: a FakeSystem clock and a fake watcher; no process. The process tests
 
 import pytest
 
-from fugue.rollout import Generations, WatchTrigger, blocker
+from fugue.rollout import MAX_DRAINING, Asks, Generations, WatchTrigger, waits_for
 from fugue.system import System
 
 
@@ -29,18 +29,46 @@ class Pending:
     generation = 4
 
 
-@pytest.mark.parametrize("stopping, rolling_out, upgrading, old_master, draining, why", [
-    (None, None, False, False, [], None),
-    ("graceful", None, False, False, [], "the master is stopping"),
-    ("quick", Pending, True, True, [3], "the master is stopping"),
-    (None, Pending, False, False, [], "generation 4 is still starting"),
-    (None, Pending, True, True, [2], "generation 4 is still starting"),
-    (None, None, True, False, [], "an upgrade is in progress"),
-    (None, None, False, True, [], "the old master is still draining"),
-    (None, None, False, False, [2, 3], "generation 2 is still draining"),
+@pytest.mark.parametrize("kind, rolling_out, upgrading, old_master, draining, why", [
+    ("reload", None, False, False, [], None),
+    ("upgrade", None, False, False, [], None),
+    ("reload", Pending, False, False, [], "generation 4 is still starting"),
+    ("upgrade", Pending, True, True, [2], "generation 4 is still starting"),
+    ("reload", None, True, False, [], "an upgrade is in progress"),
+    ("upgrade", None, True, False, [], "an upgrade is in progress"),
+    # A draining old master holds an upgrade up (never three masters), not a reload.
+    ("reload", None, False, True, [], None),
+    ("upgrade", None, False, True, [], "the old master is still draining"),
+    # Draining generations hold no reload up, up to MAX_DRAINING of them.
+    ("reload", None, False, False, [1, 2, 3], None),
+    ("reload", None, False, False, [1, 2, 3, 4], "4 older generations still drain (at most 4)"),
+    ("upgrade", None, False, False, [1, 2, 3, 4], None),
 ])
-def test_blocker(stopping, rolling_out, upgrading, old_master, draining, why):
-    assert blocker(stopping, rolling_out, upgrading, old_master, draining) == why
+def test_waits_for(kind, rolling_out, upgrading, old_master, draining, why):
+    assert MAX_DRAINING == 4
+    assert waits_for(kind, rolling_out, upgrading, old_master, draining) == why
+
+
+def test_asks_coalesce_by_kind_in_the_order_first_asked():
+    asks = Asks()
+    told = []
+    first, joined = asks.ask("reload", "HUP", 1.0, lambda ok, text: told.append(("a", ok, text)))
+    assert not joined
+    _, joined = asks.ask("upgrade", "USR2", 1.1)
+    assert not joined
+    again, joined = asks.ask("reload", "fuguectl", 1.2, lambda ok, text: told.append(("b", ok, text)))
+    assert joined and again is first and first.count == 2 and first.source() == "HUP+fuguectl x2"
+    for _ in range(20):
+        asks.ask("reload", "HUP", 1.3)
+    assert first.count == 22 and len(first.sources) == 16
+    assert asks.describe() == [{"kind": "reload", "source": "HUP+fuguectl x22"},
+                               {"kind": "upgrade", "source": "USR2"}]
+    assert asks.take() is first and asks.head().kind == "upgrade"
+    assert len(first.waiters) == 2  # each hears the outcome of the one that answered it
+    asks.ask("reload", "HUP", 2.0, lambda ok, text: told.append(("c", ok, text)))
+    gone = asks.answer_all(False, lambda a: f"{a.kind} refused: the master is stopping")
+    assert [a.kind for a in gone] == ["upgrade", "reload"] and asks.head() is None
+    assert told == [("c", False, "reload refused: the master is stopping")]
 
 
 def told(rollout):

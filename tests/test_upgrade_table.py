@@ -233,18 +233,6 @@ def test_a_stop_during_the_upgrade_kills_the_new_master(old):
     assert system.killed == [(os.getpid(), signal.SIGKILL)]
 
 
-@pytest.mark.parametrize("stopping, upgrading, reloading, draining, refusal", [
-    (None, False, False, False, None),
-    ("graceful", False, False, False, "upgrade refused: the master is stopping"),
-    (None, True, False, False, "upgrade refused: an upgrade is already in progress"),
-    (None, False, True, False, "upgrade refused: a reload is in progress"),
-    (None, False, False, True, "upgrade refused: the old master is still draining"),
-    ("quick", True, True, True, "upgrade refused: the master is stopping"),
-])
-def test_refusals(stopping, upgrading, reloading, draining, refusal):
-    assert upgrade.refusal(stopping, upgrading, reloading, draining) == refusal
-
-
 # -- the new master's side ----------------------------------------------------------------
 
 @pytest.fixture
