@@ -110,3 +110,72 @@ def parse(data):
         if sep and key:
             out[key.strip()] = value
     return out
+
+
+class StderrTail:
+    """A foreign worker's stderr, through the master: written on to the log unchanged, and its
+    last line kept, so a program that dies before READY is reported with its own last words
+    ("exited with status 1: last stderr line: Error: Cannot find module 'express'").
+
+    The worker's stderr is the write end of a pipe; the master reads the other end in its
+    loop (non-blocking) for the worker's life. Its stdout goes to the log directly."""
+
+    MAX_LINE = 500
+
+    def __init__(self, log_fd):
+        self.log_fd = log_fd
+        self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self.read_fd, False)
+        self.partial = b""
+        self.last = None
+
+    def fileno(self):
+        return self.read_fd
+
+    def child_started(self):
+        """The worker has its copy: ours of the write end goes, so EOF means it is gone."""
+        os.close(self.write_fd)
+        self.write_fd = None
+
+    def read(self):
+        """Everything that is there now: passed on to the log; the last line remembered."""
+        while True:
+            try:
+                data = os.read(self.read_fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            self._write_on(data)
+            lines = (self.partial + data).split(b"\n")
+            self.partial = lines.pop()[-self.MAX_LINE:]
+            for line in reversed(lines):
+                if line.strip():
+                    self.last = line.strip()[-self.MAX_LINE:].decode(errors="replace")
+                    break
+
+    def _write_on(self, data):
+        fd = self.log_fd if self.log_fd is not None else 2
+        while data:
+            try:
+                data = data[os.write(fd, data):]
+            except InterruptedError:
+                continue
+            except OSError:
+                return
+
+    def last_line(self):
+        if self.partial.strip():
+            return self.partial.strip().decode(errors="replace")
+        return self.last
+
+    def close(self):
+        for fd in (self.read_fd, self.write_fd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.read_fd = self.write_fd = None

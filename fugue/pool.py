@@ -20,7 +20,7 @@ import time
 from . import policy, protocol, workers
 from .config import MAX_WORKERS
 from .fds import recv_with_fds, send_with_fds
-from .foreign import NotifySocket
+from .foreign import NotifySocket, StderrTail
 from .policy import WorkerState
 from .system import SYSTEM
 
@@ -46,6 +46,7 @@ class Worker:
         self.recycling = False
         self.ready_at = None        # foreign, ready_mode=stable: READY from then on
         self.notify = None          # foreign, ready_mode=notify: its NOTIFY_SOCKET
+        self.stderr = None          # foreign: its stderr through the master (foreign.StderrTail)
 
     def view(self):
         return policy.WorkerView(self.pid, self.slot, self.generation, self.state,
@@ -109,10 +110,16 @@ class Pool:
                     uid = self.identity.uid if self.identity.uid is not None else os.getuid()
                     notify_sock = NotifySocket(slot, generation, {0, uid, os.getuid()})
                     env["NOTIFY_SOCKET"] = notify_sock.address
-                pid = self.system.spawn_worker(argv, env, self.identity, self.cfg.working_path,
-                                               self.logs.worker_fd, child.fileno(), target=None,
-                                               foreign_fds=[lst.fileno() for lst in self.listeners],
-                                               loop=self.loop)
+                tail = StderrTail(self.logs.worker_fd)
+                try:
+                    pid = self.system.spawn_worker(argv, env, self.identity, self.cfg.working_path,
+                                                   self.logs.worker_fd, child.fileno(), target=None,
+                                                   foreign_fds=[lst.fileno() for lst in self.listeners],
+                                                   loop=self.loop, stderr_fd=tail.write_fd)
+                except BaseException:
+                    tail.close()
+                    raise
+                tail.child_started()
             else:
                 argv = workers.python_argv() + ["-m", "fugue._boot"]
                 env = workers.worker_env(slot, generation, json.dumps(self.target), child.fileno())
@@ -122,6 +129,9 @@ class Pool:
         finally:
             child.close()
         w = Worker(pid, slot, generation, parent, now, foreign="command" in self.target)
+        if w.foreign:
+            w.stderr = tail
+            self.loop.add_reader(tail, lambda: self._on_stderr(w))
         self.workers[pid] = w
         if w.foreign:
             w.last_beat = float("inf")
@@ -307,6 +317,10 @@ class Pool:
         """The reaped worker `pid`, no longer in the pool; None if it is not one of ours."""
         return self.workers.pop(pid, None)
 
+    def _on_stderr(self, w):
+        if not w.stderr.read():  # EOF (the program and its children closed it)
+            self.loop.remove_reader(w.stderr)
+
     def exited(self, w, status, pending, serving, stopping):
         """Bookkeeping of a reaped worker. Returns the failure ('worker 2 (pid ..) exited
         with status 1: reason') if it was a live worker of the `pending` generation (the
@@ -318,6 +332,13 @@ class Pool:
             self.on_notify(w)
             self.loop.remove_reader(w.notify)
             w.notify.close()
+        if w.stderr is not None:
+            w.stderr.read()
+            self.loop.remove_reader(w.stderr)
+            last = w.stderr.last_line()
+            w.stderr.close()
+            if last and w.state is WorkerState.STARTING and not w.reason:
+                w.reason = f"last stderr line: {last}"
         now = self.system.monotonic()
         desc = workers.describe_status(status)
         what = f"{desc}: {w.reason}" if w.reason else desc

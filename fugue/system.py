@@ -54,10 +54,10 @@ class System:
         return pid
 
     def spawn_worker(self, argv, env, identity, working_path, stdout_fd, child_fd, target=None,
-                     foreign_fds=None, loop=None):
+                     foreign_fds=None, loop=None, stderr_fd=None):
         """A worker: fork + exec with its identity and channel (fugue.workers.spawn); its pid."""
         return workers.spawn(argv, env, identity, working_path, stdout_fd, [], child_fd,
-                             target=target, foreign_fds=foreign_fds, loop=loop)
+                             target=target, foreign_fds=foreign_fds, loop=loop, stderr_fd=stderr_fd)
 
     def reaped(self):
         """(pid, status) of each exited child, without blocking (waitpid WNOHANG)."""

@@ -126,7 +126,7 @@ def _readable_paths(target):
 
 
 def spawn(argv, env, identity, working_path, stdout_fd, pass_fds, child_fd,
-          target=None, foreign_fds=None, loop=None):
+          target=None, foreign_fds=None, loop=None, stderr_fd=None):
     """Fork and exec one worker; return its pid. Never returns in the child.
 
     `child_fd` (the worker's end of its channel) stays open across exec for a
@@ -143,6 +143,8 @@ def spawn(argv, env, identity, working_path, stdout_fd, pass_fds, child_fd,
         if stdout_fd is not None:
             os.dup2(stdout_fd, 1)
             os.dup2(stdout_fd, 2)
+        if stderr_fd is not None:  # a foreign worker's stderr goes through the master (foreign.StderrTail)
+            os.dup2(stderr_fd, 2)
         identity.apply()
         try:
             os.chdir(working_path)

@@ -139,6 +139,9 @@ def test_stdlib_server_notify_reload_under_load_and_rollback(fugue_proc, workdir
     finally:
         load.stop()
     assert load.failures == [], load.failures[:5]
+    # The reason carries the program's last words on stderr (they are in the log too).
+    assert re.search(r"reload failed: worker \d \(pid \d+, generation 3\) exited with status 1: "
+                     r"last stderr line: broken on purpose; generation 2 keeps serving", p.log())
     p.signal(signal.SIGTERM)
     assert p.wait_exit() == 0
 
