@@ -29,7 +29,7 @@ OS), never in a cycle; tests/test_imports.py holds the code to this map.
       notify      sd_notify to the supervisor
       daemon      daemonizing, logs, the pid file's reading and writing
       accesslog   a worker's access log (gunicorn's format)
-      foreign     NOTIFY_SOCKET of foreign workers (and of the router's app masters)
+      foreign     NOTIFY_SOCKET and stderr of foreign workers (and the router's app masters)
       inbox       routed connections as packets, read by workers like a listener
       health      /healthz, /livez, drain_delay, fuguectl drain
       watch       watch mode's file watcher (watchfiles)
@@ -43,7 +43,7 @@ OS), never in a cycle; tests/test_imports.py holds the code to this map.
       shell       what the master and the router share: loop pass, run directory,
                   PidFile (the pid file's one writer), signal table, stop, shutdown
       pool        the worker slots: spawn, channels, READY, stop, kill, backoff
-      rollout     a generation's life: begin, promote, rollback; the watch trigger
+      rollout     a generation's life: begin, promote, rollback; queued asks; the watch trigger
       upgrade     USR2, both sides: the handoff, step down, take over, failure report
       appmasters  the router's supervision of each app's master
   tier processes:   master routecontrol router keeper
