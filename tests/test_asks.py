@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT, wait_for
 from test_reconfig import ctl, toml
 
@@ -115,3 +117,23 @@ def test_an_invalid_config_file_refuses_the_reload_in_one_line(fugue_proc, workd
     assert re.fullmatch(r"fugue: reload refused: config file fugue\.toml: not valid TOML: .*; "
                         r"generation 1 keeps serving\n", done.stderr), done.stderr
     assert p.body().startswith("hello from worker 1") and "generation 2" not in p.log()
+
+
+def test_reloads_go_on_while_a_websocket_holds_its_old_worker(fugue_proc, workdir):
+    """FastAPI, graceful_timeout 30 s: three reloads in a row all complete (each well within
+    the 20 s ctl waits), while the websocket stays on its generation-1 worker and answers."""
+    pytest.importorskip("websockets", reason="the asgi extra installs websockets")
+    from websockets.sync.client import connect
+
+    from test_examples import set_version, start_example
+
+    p, where = start_example(fugue_proc, workdir, "fastapi", "--graceful-timeout", "30", "-w", "1")
+    with connect(f"ws://127.0.0.1:{p.port}/ws", open_timeout=10) as ws:
+        assert "generation 1 version v1" in ws.recv(timeout=10)
+        for gen in (2, 3, 4):
+            set_version(where / "app.py", f"v{gen}")
+            done = ctl(p, "reload", "--wait", "20")
+            assert done.returncode == 0 and f"generation {gen} serving" in done.stdout, done
+            assert f"generation {gen} version v{gen}" in p.body()
+        ws.send("still there")
+        assert "generation 1 version v1" in ws.recv(timeout=10)
