@@ -791,6 +791,10 @@ def render_status(data):
         gen += ", draining" + (f" (stop in {duration(drain['stop_in'])})" if drain.get("stop_in") is not None
                                else " (fuguectl drain)")
     lines.append(f"workers   {data.get('ready_workers', 0)} ready of {m.get('workers_wanted')} wanted; {gen}")
+    asked = m.get("asked") or []
+    if asked:
+        lines.append("asked     " + ", then ".join(f"{a.get('kind')} ({a.get('source')})" for a in asked)
+                     + ": waits its turn")
     event = m.get("last_event")
     if event:
         outcome = "ok" if event.get("ok") else "FAILED"
