@@ -16,7 +16,9 @@ This module is the wiring between them: what one returns, it hands to the
 next. Generations: `gens.serving` serves; during a reload `gens.pending` is
 rolled out and promoted only when all its workers are READY; any failure
 before that stops the pending generation and the serving one goes on
-(rollback). At most two generations and two masters exist at any time.
+(rollback). One rollout at a time; older generations may still drain (at most
+rollout.MAX_DRAINING); reloads and upgrades asked meanwhile wait their turn in
+`asks` (fugue.rollout.Asks). At most two masters exist at any time.
 """
 
 import logging
@@ -412,7 +414,7 @@ class Master(Shell):
         return self.handoff is not None and self.handoff.old_master_draining
 
     def _on_handoff_message(self):
-        self.handoff.read(self.loop, self.gens.serving, starting=self.gens.pending is not None)
+        self.handoff.read(self.loop, self.gens.serving, starting=self.gens.pending is not None and self.gens.pending.initial)
 
     # -- signals and commands (SIGNAL_COMMANDS in fugue.shell) ------------------------------
 
