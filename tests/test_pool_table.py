@@ -31,7 +31,7 @@ class FakeSystem(System):
         self.killed.append((pid, signum))
 
     def spawn_worker(self, argv, env, identity, working_path, stdout_fd, child_fd, target=None,
-                     foreign_fds=None, loop=None):
+                     foreign_fds=None, loop=None, stderr_fd=None):
         self.next_pid += 1
         return self.next_pid
 
