@@ -203,11 +203,10 @@ def start(server, port=None, host=None, workers=None, options=None):
     if rt is not None:
         from .worker import serve
 
-        return serve(server, options if isinstance(options, dict) else (
-            workers if isinstance(workers, dict) else None))
-    unix = isinstance(port, str) and not port.isdigit()
-    if unix and (options is None) and (isinstance(workers, dict) or (workers is None and not isinstance(host, str))):
-        options, workers, host = workers, host, None
+        local = options if isinstance(options, dict) else (workers if isinstance(workers, dict) else None)
+        rt.script_options = _reported_options(*_unix_args(port, host, workers, options))
+        return serve(server, local)
+    port, host, workers, options = _unix_args(port, host, workers, options)
     try:
         status = _run_master(server, port, host, workers, options)
     except FugueError as e:
@@ -238,20 +237,50 @@ def _target_for_script():
                      "(not from python -c or an interactive session)")
 
 
-def _run_master(server, port, host, workers, options):
-    from . import config
+def _unix_args(port, host, workers, options):
+    """start(server, "/path.sock", workers, options): a Unix socket path takes no host."""
+    unix = isinstance(port, str) and not port.isdigit()
+    if unix and (options is None) and (isinstance(workers, dict) or (workers is None and not isinstance(host, str))):
+        return port, None, host, workers
+    return port, host, workers, options
 
+
+def _script_options(port, host, workers, options):
+    """The options fugue.start's arguments give, as a dict of fugue options."""
     opts = dict(options or {})
-    if not isinstance(options, (dict, type(None))):
-        raise ConfigError(f"options must be a dict, not {type(options).__name__}")
     if workers is not None:
         opts["workers"] = workers
     binds = _binds(port, host)
     if binds and not opts.get("bind"):
         opts["bind"] = binds
-    from . import reconfig
+    return opts
 
+
+def _reported_options(port, host, workers, options):
+    """In a worker: what this code's fugue.start asks for, as plain data for READY, so the
+    master can apply a changed script (fugue.reconfig.script_changes); None if unreadable."""
+    from .config import NAMES
+
+    try:
+        opts = _script_options(port, host, workers, options if isinstance(options, dict) else None)
+    except (FugueError, TypeError, ValueError):
+        return None
+    out = {}
+    for key, value in opts.items():
+        if key not in NAMES:
+            continue
+        out[key] = f"{value.__module__}:{value.__qualname__}" if callable(value) else value
+    return out
+
+
+def _run_master(server, port, host, workers, options):
+    from . import config, reconfig
+
+    if not isinstance(options, (dict, type(None))):
+        raise ConfigError(f"options must be a dict, not {type(options).__name__}")
+    opts = _script_options(port, host, workers, options)
     reconfig.script_options = dict(opts)  # a reload reads the file and flags again over these
+    reconfig.cli_options = dict(_cli_options or {})
     if _cli_options:
         opts.update(_cli_options)
     cfg = config.build(opts)

@@ -288,6 +288,26 @@ class Master(Shell):
         rollout.note = note
         self.pool.forget_backoff()
 
+    def apply_script_options(self, generation):
+        """The new generation's code may give fugue.start other options (script mode): applied
+        as it takes over; what needs an upgrade is named with the reload's outcome."""
+        said = next((w.script_options for w in self.pool.workers.values()
+                     if w.generation == generation and w.script_options is not None), None)
+        try:
+            fresh = reconfig.script_changes(self.cfg, self.pool.target, said)
+        except (ConfigError, FugueError) as e:
+            log.error("reload: the script's new options are not valid, kept the old ones: %s", e)
+            return
+        if fresh is None:
+            return
+        note = fresh.upgrade_note()
+        if note:
+            note = f"the script's {note}"
+            log.warning("reload: %s", note)
+            rollout = self.gens.pending
+            rollout.note = f"{rollout.note}; {note}" if rollout.note else note
+        self.apply_config(fresh)
+
     def apply_config(self, fresh):
         """What the config file and flags now say, as far as a new generation carries it."""
         if not fresh.applied:
@@ -309,6 +329,8 @@ class Master(Shell):
                 self._start_watcher()
 
     def promote(self, generation, now):
+        if not self.gens.pending.initial:
+            self.apply_script_options(generation)
         rollout, text = self.gens.promote(generation, now)
         if rollout.initial:
             self.tell_launcher(True, str(os.getpid()))

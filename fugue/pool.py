@@ -47,6 +47,7 @@ class Worker:
         self.ready_at = None        # foreign, ready_mode=stable: READY from then on
         self.notify = None          # foreign, ready_mode=notify: its NOTIFY_SOCKET
         self.stderr = None          # foreign: its stderr through the master (foreign.StderrTail)
+        self.script_options = None  # what its code's fugue.start asked for (READY), if it said
 
     def view(self):
         return policy.WorkerView(self.pid, self.slot, self.generation, self.state,
@@ -183,6 +184,8 @@ class Pool:
         kind = msg["type"]
         now = self.system.monotonic()
         if kind == protocol.READY:
+            if isinstance(msg.get("script"), dict):
+                w.script_options = msg["script"]
             self.ready(w, now)
         elif kind == protocol.HEARTBEAT:
             w.last_beat = now

@@ -2,9 +2,11 @@
 
 Who calls it: the master, when a reload (HUP, fuguectl reload, a watched change) begins.
 `fuguectl start` sets `reread_hook`, which reads the config file (-c) and the flags
-again; they go over the options the script gave fugue.start when the master started
-(`script_options`, set by fugue.start), as at start. A master started by a script alone
-(no fuguectl) has nothing to read again: its reloads keep its options.
+again; they go over the options the script gave fugue.start (`script_options`, set by
+fugue.start), as at start. The script's own options change with its code: each new
+worker reports what its fugue.start asks for in READY, and `script_changes` applies
+the difference when that generation is promoted (so `python app.py` alone, without
+fuguectl, follows its script too).
 
 What it promises: `reread(cfg, target)` returns a `Reread`: the Config the next
 generation runs with (the old one with every option a generation can carry replaced),
@@ -35,13 +37,16 @@ class Reread:
 
 # Set at start (see the module docstring); module state, so nothing here imports fugue itself.
 reread_hook = None
-script_options = None
+script_options = None     # what the script's fugue.start gave, as the master holds it
+cli_options = None        # the config file and flags, as last read (they win over the script)
 
 
 def reread(cfg, target):
     if reread_hook is None:
         return Reread(cfg, target, {}, [])
+    global cli_options
     options, new_target = reread_hook()
+    cli_options = dict(options)
     merged = dict(script_options or {})
     merged.update(options)
     new = config.build(merged, start_dir=cfg.start_dir)
@@ -54,6 +59,38 @@ def reread(cfg, target):
         applied["target"] = new_target
     return Reread(cfg.replace(**{k: v for k, v in applied.items() if k != "target"}), new_target,
                   applied, needs_upgrade)
+
+
+def _plain(options):
+    return {k: (f"{v.__module__}:{v.__qualname__}" if callable(v) else v) for k, v in (options or {}).items()}
+
+
+def script_changes(cfg, target, reported):
+    """Master, when a reloaded generation is promoted: the options its code's fugue.start
+    gives (`reported`, plain data from a new worker's READY) against those the master
+    holds. None if nothing changed; else a Reread of what changed, the config file and
+    flags winning as at start. A script's options are only known once its new code runs,
+    so they apply from its promotion: `workers` at once (more or fewer slots), the
+    master's timeouts at once, what the workers read with the next workers; what only a
+    new master can apply is named, as for the file. ConfigError if they are not valid."""
+    global script_options
+    if not isinstance(reported, dict) or script_options is None:
+        return None
+    held = _plain(script_options)
+    cli = cli_options or {}
+    changed = {k for k in set(held) | set(reported) if held.get(k) != reported.get(k) and k not in cli}
+    if not changed:
+        return None
+    merged = dict(reported)
+    merged.update(cli)
+    new = config.build(merged, start_dir=cfg.start_dir)
+    if not os.path.isabs(new.working_path):
+        new = new.replace(working_path=new.path("working_path"))
+    applied, needs_upgrade = config.reload_changes(cfg, new)
+    applied = {k: v for k, v in applied.items() if k in changed}
+    needs_upgrade = [k for k in needs_upgrade if k in changed]
+    script_options = dict(reported)
+    return Reread(cfg.replace(**applied), target, applied, needs_upgrade)
 
 
 def follow_bind(handed, cfg):

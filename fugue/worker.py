@@ -224,7 +224,8 @@ class Runtime(WorkerContext):
     def _maybe_ready(self):
         if self._serving and self._app_ready and not self._ready_sent:
             self._ready_sent = True
-            self._send(protocol.READY, pid=os.getpid())
+            # What this code's fugue.start asks for: the master applies a changed script.
+            self._send(protocol.READY, pid=os.getpid(), script=getattr(self, "script_options", None))
             self.tick()
 
     def _recycle_if_due(self, memory):

@@ -137,3 +137,47 @@ def test_reloads_go_on_while_a_websocket_holds_its_old_worker(fugue_proc, workdi
             assert f"generation {gen} version v{gen}" in p.body()
         ws.send("still there")
         assert "generation 1 version v1" in ws.recv(timeout=10)
+
+
+SCRIPT = '''
+import http.server
+import json
+import os
+
+import fugue
+
+with open("opts.json") as f:
+    OPTS = json.load(f)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = f"worker {fugue.worker_id()} generation {fugue.generation()}\\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+server = http.server.ThreadingHTTPServer(("", 0), Handler, bind_and_activate=False)
+fugue.start(server, 0, "127.0.0.1", OPTS["workers"], {"timeout": OPTS["timeout"]})
+'''
+
+
+def test_hup_applies_what_the_scripts_own_fugue_start_now_asks_for(fugue_proc, workdir):
+    """python served.py, no fuguectl: the options are the script's own; its new code says 3
+    workers and another timeout, and the reload's generation takes over with them."""
+    (workdir / "served.py").write_text(SCRIPT)
+    (workdir / "opts.json").write_text(json.dumps({"workers": 2, "timeout": 30}))
+    p = fugue_proc(["served.py"]).started()
+    (workdir / "opts.json").write_text(json.dumps({"workers": 3, "timeout": 20}))
+    p.signal(signal.SIGHUP)
+    p.wait_log(r"reload done: generation 2 serving")
+    p.wait_log(r"reload: workers -> 3, timeout -> 20\.0")
+    p.wait_log(r"worker 3 \(pid \d+, generation 2\) ready")
+    data = json.loads(ctl(p, "status", "--json").stdout)
+    assert data["master"]["workers_wanted"] == 3
+    assert {w["generation"] for w in data["workers"] if w["state"] == "ready"} == {2}
