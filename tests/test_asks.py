@@ -139,32 +139,17 @@ def test_reloads_go_on_while_a_websocket_holds_its_old_worker(fugue_proc, workdi
         assert "generation 1 version v1" in ws.recv(timeout=10)
 
 
-SCRIPT = '''
-import http.server
+SCRIPT = """
 import json
-import os
-
-import fugue
+import sys
 
 with open("opts.json") as f:
     OPTS = json.load(f)
+sys.argv = ["app.py", "0", str(OPTS["workers"]), json.dumps({"timeout": OPTS["timeout"]})]
+import app  # noqa: E402 - tests/apps/app.py: fugue.start(server, port, host, workers, options)
 
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = f"worker {fugue.worker_id()} generation {fugue.generation()}\\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-server = http.server.ThreadingHTTPServer(("", 0), Handler, bind_and_activate=False)
-fugue.start(server, 0, "127.0.0.1", OPTS["workers"], {"timeout": OPTS["timeout"]})
-'''
+app.main()
+"""
 
 
 def test_hup_applies_what_the_scripts_own_fugue_start_now_asks_for(fugue_proc, workdir):
