@@ -58,23 +58,6 @@ def refused(port):
     return False
 
 
-def test_usr2_serves_a_changed_bind(fugue_proc, workdir):
-    toml(workdir, bind=["127.0.0.1:0"], workers=1)
-    p = fugue_proc(["fuguectl", "start", "-c", "fugue.toml"]).started()
-    old_port = p.port
-    probe = free_listener()
-    new_port = probe.getsockname()[1]
-    probe.close()
-    toml(workdir, bind=[f"127.0.0.1:{new_port}"], workers=1)
-    old_master = p.master_pid()
-    p.signal(signal.SIGUSR2)
-    p.wait_log(r"upgrade done")
-    wait_for(lambda: serves(new_port), 20, "the new address served")
-    assert old_master == p.popen.pid
-    p.wait_exit(30)  # the old master, once its workers drained
-    assert refused(old_port)
-
-
 def test_reload_changes_split_what_a_generation_carries_from_what_needs_an_upgrade():
     from fugue import config
 
@@ -89,3 +72,27 @@ def test_reload_changes_split_what_a_generation_carries_from_what_needs_an_upgra
     for options, applied, needs in cases:
         new = config.build(options, start_dir="/srv")
         assert config.reload_changes(old, new) == (applied, needs), options
+
+
+def test_bind_change_needs_an_upgrade_and_usr2_serves_it(fugue_proc, workdir):
+    toml(workdir, bind=["127.0.0.1:0"], workers=1)
+    p = fugue_proc(["fuguectl", "start", "-c", "fugue.toml"]).started()
+    old_port = p.port
+    probe = free_listener()
+    new_port = probe.getsockname()[1]
+    probe.close()
+    toml(workdir, bind=[f"127.0.0.1:{new_port}"], workers=2)
+    done = ctl(p, "reload")
+    assert done.returncode == 0, done
+    assert re.fullmatch(r"reload done: generation 2 serving \([\d.]+s\); bind changed: needs `fuguectl upgrade`\n",
+                        done.stdout), done.stdout
+    p.wait_log(r"reload: bind changed: needs `fuguectl upgrade`")
+    p.wait_log(r"reload: workers -> 2")  # what a generation carries is applied all the same
+    assert serves(old_port) and refused(new_port)
+    old_master = p.master_pid()
+    p.signal(signal.SIGUSR2)
+    p.wait_log(r"upgrade done")
+    wait_for(lambda: serves(new_port), 20, "the new address served")
+    assert old_master == p.popen.pid
+    p.wait_exit(30)  # the old master, once its workers drained
+    assert refused(old_port)
