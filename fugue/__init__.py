@@ -22,7 +22,7 @@ OS), never in a cycle; tests/test_imports.py holds the code to this map.
       loop        the one selectors loop: signal wakeup fd, readers, deadlines
       sniff       the host a new connection names (HTTP Host, TLS SNI)
   tier mechanisms:  config reconfig fds notify daemon accesslog foreign inbox health watch workers statushttp
-                    apps system
+                    apps system limits leftovers
       config      the validated, frozen Config (start() arguments, flags, TOML, env)
       reconfig    what a reload reads again, and what of it a generation can carry
       fds         listeners: bind, adopt, pass (SCM_RIGHTS); safe paths
@@ -37,6 +37,8 @@ OS), never in a cycle; tests/test_imports.py holds the code to this map.
       statushttp  the management HTTP listener (status_bind)
       apps        routed mode's configuration (apps.toml)
       system      the OS seam of the state machines: spawn, kill, clock, notify, reap
+      limits      RLIMIT_NOFILE checked at start; a refused spawn described with its limit
+      leftovers   what an exited worker left in its process group (TERM, KILL); listener holders
   tier machines:    status control shell pool rollout upgrade appmasters
       status      the status of a master and its workers, as data
       control     the control socket, and fuguectl's client side of it

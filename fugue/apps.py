@@ -37,6 +37,7 @@ ROUTER_OPTIONS = [
     ("sniff_timeout", "float+", 5.0,
      "seconds a new connection has to send its Host header or TLS SNI; then it is closed (slowloris)"),
     ("sniff_max_bytes", "int+", 8192, "bytes a client may send before its Host header; more and it is closed"),
+    ("sniff_max_conns", "int+", 512, "connections that may be naming their host at once; past that the oldest is closed"),
     ("default_app", "str", None, "app for connections whose host no app claims (otherwise 421, or close for TLS)"),
     ("route", "callable", None, "module:attr, called (host, sni, peer) -> app name or None, before the host table"),
     ("app_backlog", "int+", 1024, "connections the router holds for an app that cannot take them yet; then 503"),

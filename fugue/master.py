@@ -30,6 +30,7 @@ from .control import ControlServer
 from .errors import ConfigError, FugueError, Refused
 from .fds import close_listeners, refuse_new_clients
 from .health import Drain
+from .leftovers import listener_inodes, name_listener_holders
 from .pool import Pool
 from .rollout import Asks, Generations, WatchTrigger, waits_for
 from .shell import Shell
@@ -61,6 +62,7 @@ class Master(Shell):
         self.name = cfg.name or default_name(target)
         self.pool = Pool(cfg, target, identity, logs, listeners, self.loop, self.name,
                          on_request=self._worker_request, system=system)
+        self.listener_inodes = listener_inodes(listeners)  # who still holds them at exit is named
         self.gens = Generations(first_generation, system=system)
         self.asks = Asks()              # reloads and upgrades asked for, not begun yet
         self.upgrade = None             # old master: the upgrade.Upgrade in flight
@@ -145,7 +147,8 @@ class Master(Shell):
         """
         timers = [self.upgrade.check_deadline(self.system.monotonic()) if self.upgrade else None,
                   self._watch_timer(),
-                  self.control.deadline() if self.control else None, self.drain.tick()]
+                  self.control.deadline() if self.control else None, self.drain.tick(),
+                  self.pool.leftovers.tick(self.system.monotonic())]
         for _ in range(4):
             self.begin_asked()  # a promotion or rollback of the pass before may free the way
             now = self.system.monotonic()
@@ -173,7 +176,12 @@ class Master(Shell):
             wanted = self.gens.pending.generation if self.gens.pending else self.gens.serving
             if self.stopping or action.generation != wanted:
                 return
-            self.pool.spawn(action.slot, action.generation, now)
+            try:
+                self.pool.spawn(action.slot, action.generation, now)
+            except OSError as e:  # out of descriptors or processes: that worker's failure
+                failure = self.pool.spawn_failed(action.slot, action.generation, now, e)
+                if action.generation == self.gens.pending_generation():
+                    self.rollback(failure)
         elif isinstance(action, policy.Stop):
             w = self.pool.get(action.pid)
             if w:
@@ -497,6 +505,8 @@ class Master(Shell):
 
     def release(self):
         self.pool.shutdown()
+        if not self.handed_over():  # nobody should hold the listeners now: say who does
+            name_listener_holders(self.listener_inodes)
         if self.watcher is not None:
             self.watcher.stop()
 

@@ -21,6 +21,7 @@ from . import policy, protocol, workers
 from .config import MAX_WORKERS
 from .fds import recv_with_fds, send_with_fds
 from .foreign import NotifySocket, StderrTail
+from .leftovers import Leftovers
 from .policy import WorkerState
 from .system import SYSTEM
 
@@ -79,12 +80,14 @@ class Pool:
         self.failures = {}              # slot -> consecutive early deaths
         self.not_before = {}            # slot -> earliest respawn (monotonic)
         self.restarts = {}              # slot -> respawns after unexpected exits
+        self.leftovers = Leftovers(cfg.graceful_timeout)  # exited workers' process groups (fugue.leftovers)
         self.reconfigure(cfg, target)
 
     def reconfigure(self, cfg, target):
         """The options and target the next workers get (a reload read them again)."""
         self.cfg = cfg
         self.target = target
+        self.leftovers.grace = cfg.graceful_timeout
         public = cfg.public()
         self.worker_options = {k: v for k, v in public.items()
                                if isinstance(v, (str, int, float, bool, list, type(None)))}
@@ -127,6 +130,11 @@ class Pool:
                 pid = self.system.spawn_worker(argv, env, self.identity, self.cfg.working_path,
                                                self.logs.worker_fd, child.fileno(), target=self.target,
                                                loop=self.loop)
+        except OSError:  # EMFILE, ENFILE, EAGAIN from fork: the caller's worker failure (spawn_failed)
+            parent.close()
+            if notify_sock is not None:
+                notify_sock.close()
+            raise
         finally:
             child.close()
         w = Worker(pid, slot, generation, parent, now, foreign="command" in self.target)
@@ -328,6 +336,7 @@ class Pool:
         """Bookkeeping of a reaped worker. Returns the failure ('worker 2 (pid ..) exited
         with status 1: reason') if it was a live worker of the `pending` generation (the
         caller rolls back), else None; a serving worker's slot is refilled after a backoff."""
+        self.leftovers.worker_exited(w.pid, self.system.monotonic())  # what it forked goes too
         self.on_channel(w)  # read what it said last (FAILED, stats)
         self.loop.remove_reader(w.channel)
         w.channel.close()
@@ -369,8 +378,22 @@ class Pool:
                  w.slot, delay, failures, "" if failures == 1 else "s")
         return None
 
+    def spawn_failed(self, slot, generation, now, error):
+        """A spawn the system refused (Pool.spawn raised OSError): one line naming the limit,
+        and the slot backs off as after an early death. Returns the failure text; the caller
+        rolls back if `generation` is the pending one."""
+        from .limits import describe_spawn_error
+
+        text = f"cannot spawn worker {slot}: {describe_spawn_error(error)}"
+        log.error("%s (generation %d)", text, generation)
+        failures = policy.next_failures(self.failures.get(slot, 0), 0.0)
+        self.failures[slot] = failures
+        self.not_before[slot] = now + policy.backoff_delay(failures)
+        return text
+
     def shutdown(self):
-        """At the master's exit: kill what is left and wait for it (nothing outlives the master)."""
+        """At the master's exit: kill what is left and wait for it (nothing outlives the master),
+        and what the workers left in their process groups (TERM, KILL after graceful_timeout)."""
         for w in list(self.workers.values()):
             self.signal(w, signal.SIGKILL)
         for pid in list(self.workers):
@@ -378,3 +401,5 @@ class Pool:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
+            self.leftovers.worker_exited(pid, self.system.monotonic())
+        self.leftovers.finish()

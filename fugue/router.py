@@ -34,6 +34,7 @@ router, a subreaper).
 """
 
 import collections
+import errno
 import heapq
 import logging
 import os
@@ -57,6 +58,8 @@ log = logging.getLogger("fugue")
 SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
            signal.SIGUSR2, signal.SIGCHLD)
 ACCEPT_BATCH = 64          # accepts per wakeup, so one busy listener cannot starve the rest
+ACCEPT_PAUSE = 0.1         # out of descriptors, nothing to shed: stop accepting this long, not spin
+SHORTAGE_REPORT = 10.0     # at most one log line per this many seconds about shortages
 LINGER = 2.0               # seconds to read what a refused client still sends before closing
 REPEEK = 0.02              # re-peek interval where poll ignores SO_RCVLOWAT (Unix listeners)
 BACKLOG_RETRY = 0.005      # an app's inbox was full: try again this soon
@@ -97,9 +100,13 @@ class Router(Shell):
         self.lookup = {}
         self.sniff_timeout = rc.router["sniff_timeout"]
         self.max_bytes = rc.router["sniff_max_bytes"]
+        self.max_sniffing = rc.router["sniff_max_conns"]
         self.default_app = rc.router["default_app"]
         self.hook = hook                   # the route option, loaded: (host, sni, peer) -> app name
         self.conns = {}                    # fd -> Conn (sniffing or lingering)
+        self.sniffing = {}                 # fd -> Conn still naming its host, oldest first
+        self.accept_paused_until = None    # out of descriptors: accepting resumes then
+        self.shortage = {"accept": 0, "overflow": 0, "said": float("-inf")}  # since the last report
         self.timers = []                   # heap of (deadline, seq, Conn)
         self.repeek = []                   # Conns to peek again (no SO_RCVLOWAT there)
         self.seq = 0
@@ -127,6 +134,7 @@ class Router(Shell):
     def step(self):
         """Expire what is due; returns the next deadline."""
         now = self.system.monotonic()
+        self.resume_accepting(now)
         while self.timers and self.timers[0][0] <= now:
             deadline, _, conn = heapq.heappop(self.timers)
             if conn.state != "done" and conn.deadline == deadline:
@@ -151,6 +159,7 @@ class Router(Shell):
         if self.stopping == "graceful":
             self.stop_apps_when_idle()
         deadlines.append(self.timers[0][0] if self.timers else None)
+        deadlines.append(self.accept_paused_until)
         if self.repeek or any(app.backlog for app in self.masters):
             deadlines.append(now + (REPEEK if self.repeek else BACKLOG_RETRY))
         deadlines.append(self.control.deadline() if self.control is not None else None)
@@ -168,19 +177,70 @@ class Router(Shell):
 
     def on_accept(self, lst):
         for _ in range(ACCEPT_BATCH):
+            if len(self.sniffing) >= self.max_sniffing:
+                # Slowloris: connections that never name their host would hold every
+                # descriptor. The oldest goes: a real client names its host at once.
+                self.counters["sniff_overflow"] += 1
+                self.shortage["overflow"] += 1
+                self.close(next(iter(self.sniffing.values())))
+                self.report_shortage()
             try:
                 sock, peer = lst.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # EMFILE and friends: try again on the next wakeup
+            except OSError as e:
                 self.counters["accept_errors"] += 1
-                log.warning("accept on %s: %s", lst.describe()["address"], e.strerror)
+                if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.debug("accept on %s: %s", lst.describe()["address"], e.strerror)
+                    return  # ECONNABORTED and the like: that client only
+                if self.shed_for_descriptors(e):
+                    continue
                 return
             self.counters["accepted"] += 1
             # The socket stays blocking (the worker gets it as accept() would give it):
             # the router only ever uses MSG_DONTWAIT on it.
             conn = Conn(sock, peer, sock.family != socket.AF_UNIX, self.system.monotonic() + self.sniff_timeout)
             self.peek(conn)
+
+    def shed_for_descriptors(self, e):
+        """Out of descriptors: close the oldest connection still naming its host and return
+        True (accept again: a real client names its host at once, a slowloris never); with
+        none to close, stop accepting for ACCEPT_PAUSE (the listen backlog holds new clients
+        meanwhile) and return False. A level-triggered listener would spin otherwise. Said
+        once per SHORTAGE_REPORT, with a count."""
+        self.shortage["accept"] += 1
+        self.shortage["why"] = e.strerror
+        self.report_shortage()
+        if self.sniffing:
+            self.counters["sniff_overflow"] += 1
+            self.close(next(iter(self.sniffing.values())))
+            return True
+        if self.accept_paused_until is None:
+            for lst in self.listeners:
+                self.loop.remove_reader(lst.sock)
+        self.accept_paused_until = self.system.monotonic() + ACCEPT_PAUSE
+        return False
+
+    def resume_accepting(self, now):
+        if self.accept_paused_until is not None and self.accept_paused_until <= now and self.stopping is None:
+            self.accept_paused_until = None
+            for lst in self.listeners:
+                self.loop.add_reader(lst.sock, lambda lst=lst: self.on_accept(lst))
+
+    def report_shortage(self):
+        sh = self.shortage
+        now = self.system.monotonic()
+        if now - sh["said"] < SHORTAGE_REPORT:
+            return
+        if sh["accept"]:
+            log.warning("descriptor shortage: accept failed %d time(s) (%s); the oldest connection still "
+                        "naming its host closed each time, or accepting paused %gs; %d sniffing now "
+                        "(sniff_max_conns %d)", sh["accept"], sh.get("why"), ACCEPT_PAUSE,
+                        len(self.sniffing), self.max_sniffing)
+        if sh["overflow"]:
+            log.warning("sniff_max_conns (%d) reached: closed the oldest connection still naming its host "
+                        "%d time(s)", self.max_sniffing, sh["overflow"])
+        sh.update(accept=0, overflow=0, said=now)
 
     def peek(self, conn):
         try:
@@ -232,6 +292,7 @@ class Router(Shell):
             conn.watched = True
         if conn.sock.fileno() not in self.conns:
             self.conns[conn.sock.fileno()] = conn
+            self.sniffing[conn.sock.fileno()] = conn
             self.push_timer(conn)
 
     def route(self, conn, kind, name):
@@ -337,6 +398,7 @@ class Router(Shell):
         except OSError:
             self.close(conn)
             return
+        self.sniffing.pop(conn.sock.fileno(), None)
         conn.state = "linger"
         conn.deadline = self.system.monotonic() + LINGER
         self.unwatch(conn)
@@ -372,6 +434,7 @@ class Router(Shell):
 
     def forget(self, conn):
         self.conns.pop(conn.sock.fileno(), None)
+        self.sniffing.pop(conn.sock.fileno(), None)
         conn.state = "done"
 
     def close(self, conn):

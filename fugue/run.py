@@ -82,6 +82,9 @@ def run_master(cfg, target, role="master"):
     ready_fd = None
     master = None
     try:
+        from .limits import check_descriptor_limit
+
+        check_descriptor_limit(len(listeners), cfg.workers if cfg.workers is not None else os.cpu_count() or 1)
         if cfg.daemonize and not upgrade_path:
             preserve = [lst.fileno() for lst in listeners] + logs.preserve()
             ready_fd = daemonize(preserve, cfg.umask)

@@ -140,6 +140,9 @@ def spawn(argv, env, identity, working_path, stdout_fd, pass_fds, child_fd,
     status = 127
     try:
         child_signals(loop)
+        # Its own process group: what the app forks without exec stays in it and is stopped
+        # with it once it has exited (fugue.leftovers), instead of keeping the port.
+        os.setpgid(0, 0)
         if stdout_fd is not None:
             os.dup2(stdout_fd, 1)
             os.dup2(stdout_fd, 2)

@@ -363,3 +363,103 @@ def test_a_worker_flooding_counters_and_status_asks_does_not_degrade_its_master(
 
     assert ask(p, "reload")["ok"]  # and the master still does its job
     settled(p, 2)
+
+
+# -- 12. what a worker leaves behind -----------------------------------------------------------
+
+def test_a_workers_forked_child_does_not_keep_the_port(fugue_proc, workdir):
+    from faultkit import kill
+
+    p = fault_app(fugue_proc, 1, graceful_timeout=2).started()
+    port = p.port
+    child = int(p.body("/fork").split()[1])                # stays in the worker's process group
+    escaped = int(p.body("/fork?setsid=1").split()[1])     # left it: cannot be told apart from a bystander
+    try:
+        p.signal(signal.SIGTERM, p.popen.pid)
+        assert p.wait_exit() == 0
+        until(lambda: gone(child), what="the worker's leftover child to be stopped")
+        assert re.search(rf"listener 127\.0\.0\.1:{port} is still held by pid {escaped} \(", p.log()), p.log()
+        kill(escaped)
+        until(lambda: gone(escaped), what="the escaped child to die")
+        again = fault_app(fugue_proc, 1, bind=str(port)).started()  # the port is free again
+        assert again.body().startswith("hello from worker 1")
+    finally:
+        kill(child)
+        kill(escaped)
+
+
+# -- 8. out of descriptors or processes ------------------------------------------------------------
+
+def limited(fugue_proc, nofile, *flags):
+    from conftest import PY
+
+    return fugue_proc(["prlimit", f"--nofile={nofile}", "--", PY, "-m", "fugue.ctl", "start", "--app", "app:Handler",
+                       "--bind", "127.0.0.1:0", *flags])
+
+
+def test_a_descriptor_limit_too_low_for_the_config_is_one_line_at_start(fugue_proc, workdir):
+    binds = [arg for _ in range(30) for arg in ("--bind", "127.0.0.1:0")]
+    p = limited(fugue_proc, 48, "--workers", "8", *binds)
+    assert p.wait_exit() == 1
+    out = p.log()
+    assert re.fullmatch(r"fugue: the descriptor limit \(RLIMIT_NOFILE\) is 48: too low for 31 listeners and "
+                        r"8 workers \(at least \d+\); raise it \(ulimit -n, systemd LimitNOFILE=\)\n", out), out
+    assert p.pids() == []
+
+
+def test_spawning_out_of_descriptors_is_a_worker_failure_not_the_masters_death(fugue_proc, workdir):
+    from faultkit import run_dir, settled
+
+    p = limited(fugue_proc, 64, "--workers", "2").started()
+    settled(p, 2)
+    before = sorted(r["pid"] for r in status(p)["workers"])
+    path = os.path.join(run_dir(p, p.master_pid()), "control.sock")
+    hogs = []
+    try:  # silent control connections: the master holds each up to 5 s, until it runs out
+        while len(hogs) < 80:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.connect(path)
+            hogs.append(s)
+        wait_for(lambda: "control: cannot accept (Too many open files)" in p.log(), 15, "the master to run out")
+        p.signal(signal.SIGHUP)
+        p.wait_log(r"cannot spawn worker \d: .*Too many open files.*RLIMIT_NOFILE 64")
+        p.wait_log(r"reload failed: .*generation 1 keeps serving")
+    finally:
+        for s in hogs:
+            s.close()
+    assert p.master_pid() == p.popen.pid and p.popen.poll() is None
+    assert sorted(r["pid"] for r in settled(p, 2)["workers"]) == before
+    assert p.body().startswith("hello from worker")
+    p.signal(signal.SIGHUP)  # descriptors back: the next reload works
+    p.wait_log(r"reload done: generation \d+ serving")
+
+
+# -- 9. the router under a slowloris ---------------------------------------------------------------
+
+@pytest.mark.parametrize("top, says", [
+    ("sniff_max_conns = 100", r"sniff_max_conns \(100\) reached: closed the oldest connection still naming its "
+                              r"host \d+ time"),
+    ("", r"descriptor shortage: accept failed \d+ time\(s\) \(Too many open files\); the oldest"),
+])
+def test_idle_connections_never_lock_new_clients_out_of_the_router(fugue_proc, workdir, top, says):
+    """300 connections that never name a host, at a descriptor limit of 200: below it the
+    sniff_max_conns cap closes the oldest; without it (default 512) the router pauses
+    accepting on EMFILE, sheds the oldest and says so once, instead of spinning."""
+    from conftest import PY
+    from test_router import CONFIG
+
+    (workdir / "apps.toml").write_text(CONFIG.format(sniff_timeout=60.0, extra="", top=top))
+    p = fugue_proc(["prlimit", "--nofile=200", "--", PY, "-m", "fugue.ctl", "start", "-c", "apps.toml"])
+    p.wait_log(r"router serving \d+ apps", timeout=30)
+    idle = []
+    try:
+        for _ in range(300):  # they never name a host: more than the router has descriptors for
+            idle.append(socket.create_connection(("127.0.0.1", p.port), timeout=10))
+        for host in ("alpha.test", "beta.test"):
+            code, body = http_get(p.port, headers={"Host": host}, timeout=10)[:2]
+            assert code == 200 and body.startswith(host.split(".")[0] + " "), body
+        p.wait_log(says)
+        assert p.count_log(r"Too many open files") <= 1
+    finally:
+        for s in idle:
+            s.close()
