@@ -34,6 +34,9 @@ CHAOS_IGNORE_TERM):
                     workers stopped, and how long does it take?
     stuck-request   one request stuck forever in app code (GET /hang), then HUP:
                     the old worker must be killed after graceful_timeout
+    nofile-hup      the master's descriptor limit lowered (prlimit --pid) to what it
+                    has open, then HUP: a spawn fails with EMFILE. Then the limit is
+                    restored and HUP sent again (issue 12 item 8)
     status-scrape   (fugue only: a gunicorn worker has no status to report) two
                     requests with 110 KB URLs in flight per worker, then
                     `fuguectl status` x3: the stats reply once exceeded the
@@ -440,6 +443,32 @@ def stuck_request(kind, s, load, notes) -> str:
             f"the stuck request: {stuck}" + ("" if new else "; new generation NOT ready"))
 
 
+def nofile_hup(kind, s, load, notes) -> str:
+    import subprocess
+
+    master = s.master
+    before = s.worker_pids()
+    limit = open(f"/proc/{master}/limits").read()
+    soft, hard = re.search(r"Max open files\s+(\d+)\s+(\d+)", limit).groups()
+    open_now = len(os.listdir(f"/proc/{master}/fd"))
+    subprocess.run(["prlimit", "--pid", str(master), f"--nofile={open_now}:{hard}"], check=True)
+    load.mark(f"HUP at RLIMIT_NOFILE {open_now} (all in use)")
+    os.kill(master, signal.SIGHUP)
+    time.sleep(3.0)  # a reload, or its failure, takes well under that
+    alive_1 = proctree.alive(master)
+    serving_1 = fresh_request(s.port, 2.0)
+    if alive_1:
+        subprocess.run(["prlimit", "--pid", str(master), f"--nofile={soft}:{hard}"], check=True)
+        load.mark("limit restored, HUP")
+        os.kill(master, signal.SIGHUP)
+        renewed = within(lambda: s.worker_pids() and not (s.worker_pids() & before)
+                         and all_ready(s, s.workers), CAP_S)
+    else:
+        renewed = None
+    return (f"at the limit: master {'alive' if alive_1 else 'EXITED'}, a fresh request: {serving_1}; "
+            + (f"limit restored: HUP {'done' if renewed else 'NOT done'}" if alive_1 else "service down"))
+
+
 def status_scrape(kind, s, load, notes) -> str:
     before = s.worker_pids()
     hung = []
@@ -485,6 +514,7 @@ FAULTS = {
     "hung-worker": ("worker blocked for good (SIGSTOP)", hung_worker, None),
     "ignore-term": ("workers ignore SIGTERM, then HUP", ignore_term, {"CHAOS_IGNORE_TERM": "1"}),
     "stuck-request": ("request stuck forever in a worker, then HUP", stuck_request, None),
+    "nofile-hup": ("HUP with every descriptor in use", nofile_hup, None),
     "status-scrape": ("status asked with 110 KB URLs in flight", status_scrape, None),
     "stop-under-load": ("graceful stop (TERM) under load, one request stuck", stop_under_load, None),
 }
