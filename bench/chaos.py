@@ -37,6 +37,11 @@ CHAOS_IGNORE_TERM):
     nofile-hup      the master's descriptor limit lowered (prlimit --pid) to what it
                     has open, then HUP: a spawn fails with EMFILE. Then the limit is
                     restored and HUP sent again (issue 12 item 8)
+    router-slowloris (fugue only: gunicorn has no router) the routed-mode router
+                    (one app, chaos_wsgi, as default_app) at a descriptor limit of
+                    1024, 1100 connections that never send a byte; then the load
+                    and a fresh request: are new clients served, how much CPU does
+                    the router burn, how many log lines? (issue 12 item 9)
     status-scrape   (fugue only: a gunicorn worker has no status to report) two
                     requests with 110 KB URLs in flight per worker, then
                     `fuguectl status` x3: the stats reply once exceeded the
@@ -469,6 +474,53 @@ def nofile_hup(kind, s, load, notes) -> str:
             + (f"limit restored: HUP {'done' if renewed else 'NOT done'}" if alive_1 else "service down"))
 
 
+class RouterServer(contenders.FugueServer):
+    """fuguectl start -c apps.toml: the router, one app (chaos_wsgi) that takes every host."""
+
+    def start(self, port: Optional[int] = None, timeout: float = 60.0) -> int:
+        offset = self.log_size()
+        conf = self.dir / "apps.toml"
+        conf.write_text(f'bind = ["127.0.0.1:0"]\nsniff_timeout = 60\nworkers = {self.workers}\n'
+                        f'pid_file = "{self.pidfile}"\ntmp_path = "{self.tmp_path}"\ndefault_app = "a"\n'
+                        f'[apps.a]\nhostnames = ["a.bench"]\napp = "chaos_wsgi:app"\n'
+                        f'working_path = "{self.app_dir}"\n')
+        popen = self._popen(["prlimit", "--nofile=1024", "--", sys.executable, "-m", "fugue.ctl", "start",
+                             "-c", str(conf)])
+        self._wait_log(popen, offset, r"router serving \d+ apps?", 1, timeout, "'router serving' line")
+        self.master = popen.pid
+        self.port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", self.log_text(offset)).group(1))
+        proctree.wait_for(self.answers, 60, "a first answer")
+        return self.port
+
+
+def router_slowloris(kind, s, load, notes) -> str:
+    idle = []
+    try:
+        t = load.mark("1100 idle connections")
+        for _ in range(1100):
+            try:
+                idle.append(socket.create_connection(("127.0.0.1", s.port), timeout=5))
+            except OSError:
+                break
+        cpu0, lines0 = _cpu(s.master), s.log_text().count("Too many open files")
+        time.sleep(5.0)
+        cpu = _cpu(s.master) - cpu0
+        lines = s.log_text().count("Too many open files") - lines0
+        fresh = fresh_request(s.port, 5.0)
+        del t
+    finally:
+        for c in idle:
+            c.close()
+    return (f"{len(idle)} idle connections open; over the next 5 s the router used {cpu:.1f} s of CPU and "
+            f"wrote {lines} 'Too many open files' lines; a fresh request: {fresh}")
+
+
+def _cpu(pid) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def status_scrape(kind, s, load, notes) -> str:
     before = s.worker_pids()
     hung = []
@@ -502,7 +554,7 @@ def _still_open(conn) -> bool:
         return False
 
 
-FUGUE_ONLY = {"status-scrape"}
+FUGUE_ONLY = {"status-scrape", "router-slowloris"}
 
 FAULTS = {
     "kill9-worker": (f"kill -9 of a worker (x{KILLS})", kill9_worker, None),
@@ -516,6 +568,7 @@ FAULTS = {
     "stuck-request": ("request stuck forever in a worker, then HUP", stuck_request, None),
     "nofile-hup": ("HUP with every descriptor in use", nofile_hup, None),
     "status-scrape": ("status asked with 110 KB URLs in flight", status_scrape, None),
+    "router-slowloris": ("1100 idle connections on the router", router_slowloris, None),
     "stop-under-load": ("graceful stop (TERM) under load, one request stuck", stop_under_load, None),
 }
 
@@ -524,7 +577,8 @@ def run_fault(name: str, kind: str) -> Outcome:
     label, fn, env = FAULTS[name]
     notes = []
     with tempfile.TemporaryDirectory(prefix=f"fugue-bench-chaos-{kind}-") as tmp:
-        server = make_server(kind, tmp, env)
+        server = (RouterServer(tmp, "chaos_wsgi:app", WORKERS) if name == "router-slowloris"
+                  else make_server(kind, tmp, env))
         load = None
         try:
             server.start()
