@@ -60,6 +60,12 @@ def test_log_file_symlink_planted_before_usr1_is_refused(fugue_proc, home):
     assert os.path.islink(log_file)
     trouble = status(p)["master"]["log_trouble"]
     assert re.match(r"1 log reopen refused since [\d:]+: log file .*app.log is a symlink", trouble), trouble
+    # USR2 with the link still there: the new master refuses it, the old one goes on.
+    p.signal(signal.SIGUSR2)
+    wait_for(lambda: re.search(r"fugue: log file .*app.log is a symlink; refusing to follow it\n.*upgrade failed: "
+                               r"new master pid \d+ exited with status 1", read(log_file + ".1")), 30,
+             "the upgrade to fail")
+    assert read(victim) == "precious\n"
     # Fixed by the operator: the next USR1 reopens and the trouble is gone.
     os.unlink(log_file)
     p.signal(signal.SIGUSR1)
