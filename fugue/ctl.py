@@ -133,7 +133,7 @@ def add_option_flags(parser):
 
 def add_find_flags(parser):
     parser.add_argument("-c", "--config", metavar="FILE", help="TOML config file (see fugue(5))")
-    parser.add_argument("--pid-file", dest="pid_file", metavar="PATH",
+    parser.add_argument("--pid-file", *ALIASES["pid_file"], dest="pid_file", metavar="PATH",
                         help="pid file of the master (default: from -c or beside its file, else fugue.pid)")
     parser.add_argument("--tmp-path", dest="tmp_path", metavar="PATH",
                         help="tmp_path of the master, where its control socket lives "
@@ -143,12 +143,40 @@ def add_find_flags(parser):
                              "until the master has an outcome)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse refusing in one line, as every other bad input (the usage stays in --help)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"fugue: {message} (see {self.prog} --help)\n")
+
+
+def _did_you_mean(parser, words):
+    """'; did you mean --log-level?' for a mistyped flag of this command, else ''."""
+    known = [flag for action in parser._actions for flag in action.option_strings]
+    for word in words:
+        if word.startswith("-"):
+            close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1)
+            if close and close[0] != word.split("=", 1)[0]:
+                return f"; did you mean {close[0]}?"
+    return ""
+
+
+def _parse(parser, argv, commands=None):
+    """parse_args, naming the closest flag of the command when one is mistyped."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        own = (commands or {}).get(getattr(args, "command", None), parser)
+        own.error(f"unrecognized arguments: {' '.join(extra)}{_did_you_mean(own, extra)}")
+    return args
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fuguectl", description="Start and control fugue, a Unicorn-style prefork daemon for Python.",
         epilog="See fuguectl(1), fugue(5) and fugue(7).")
     parser.add_argument("--version", action="version", version=f"fuguectl (fugue) {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.fugue_commands = sub.choices
 
     for name, text in (("start", "start a master (TARGET: a script calling fugue.start, MODULE:ATTR or --app, "
                                  "or -- COMMAND)"),
@@ -201,7 +229,7 @@ def main(argv=None):
         i = argv.index("--")
         argv, tail = argv[:i], argv[i + 1:]
     try:
-        args = parser.parse_args(argv)
+        args = _parse(parser, argv, parser.fugue_commands)
         if args.command in ("start", "check") and args.args and is_app_spec(args.target):
             _parse_options_after_app(parser.fugue_start_parsers[args.command], args)
     except SystemExit as e:
@@ -234,7 +262,7 @@ def is_app_spec(target):
 
 def _parse_options_after_app(sub, args):
     """gunicorn takes options after the app (`myproj.wsgi:application -w 4`): parse them too."""
-    more = sub.parse_args(args.args)
+    more = _parse(sub, args.args)
     if more.target:
         sub.error(f"one app only: {args.target} and {more.target}")
     for key, value in vars(more).items():

@@ -271,6 +271,33 @@ def in_workdir(workdir, monkeypatch):
     return workdir
 
 
+def test_control_commands_take_the_pid_file_as_start_does(in_workdir, capsys):
+    # `fuguectl start -D -p app.pid app:app`, then `fuguectl stop -p app.pid` (gunicorn's -p)
+    for flag in ("-p", "--pid", "--pid-file"):
+        rc, _, err = _main(capsys, "stop", flag, "run/app.pid")
+        assert (rc, one_line(err)) == (3, "fugue: no fugue master: pid file run/app.pid not found")
+
+
+@pytest.mark.parametrize("args, line", [
+    (["start", "--log-levle", "info", "--app", "a:b"],
+     "fugue: unrecognized arguments: --log-levle; did you mean --log-level? (see fuguectl start --help)"),
+    (["start", "a:b", "--drain-dealy", "5"],
+     "fugue: unrecognized arguments: --drain-dealy; did you mean --drain-delay? (see fuguectl start --help)"),
+    (["status", "--jsn"],
+     "fugue: unrecognized arguments: --jsn; did you mean --json? (see fuguectl status --help)"),
+    (["drain", "--now"], "fugue: unrecognized arguments: --now (see fuguectl drain --help)"),
+    (["start", "--no-status-targets=1", "--app", "a:b"],
+     "fugue: argument --status-targets/--no-status-targets: ignored explicit argument '1' "
+     "(see fuguectl start --help)"),
+    (["check", "--warmup"], "fugue: argument --warmup: expected one argument (see fuguectl check --help)"),
+    (["scale"], "fugue: the following arguments are required: N|+N|-N (see fuguectl scale --help)"),
+])
+def test_argparse_refusals_are_one_line(in_workdir, capsys, args, line):
+    # argparse's own refusals printed the whole usage first (25 lines for start)
+    rc, out, err = _main(capsys, *args)
+    assert (rc, out, one_line(err)) == (2, "", line)
+
+
 def _fake_master(workdir, listen=True, answer=False):
     """A process titled 'fugue master' with a control socket that never answers (or refuses)."""
     code = f"""
