@@ -32,3 +32,13 @@ def test_readme_set_up_commands_match_ci():
         ci = f.read()
     test_command = "pip install -e '.[test]' && python3 -m pytest"
     assert test_command in readme() and test_command in ci
+
+
+def test_every_router_option_is_in_the_readme_and_fugue5():
+    from fugue.apps import ROUTER_OPTIONS
+
+    with open(os.path.join(ROOT, "man", "fugue.5")) as f:
+        page = f.read().replace("\\-", "-")
+    for name, _, _, _ in ROUTER_OPTIONS:
+        assert f"`{name}`" in readme() or f"{name} = " in readme(), f"router option {name} missing from README"
+        assert f"\\fB{name}\\fR = " in page, f"router option {name} missing from fugue(5)"
