@@ -178,3 +178,12 @@ def test_fugue_7_names_every_module_in_its_tier():
         text = section.split(f".B {tier}\n", 1)[1].split(".TP", 1)[0]
         for name in names:
             assert re.search(rf"(^|[^\w]){re.escape('package' if name == 'fugue' else name)}([^\w]|$)", text), (tier, name)
+
+
+def test_fugue_7_names_every_adapter_module():
+    page = open(os.path.join(ROOT, "man", "fugue.7")).read()
+    section = page.split(".SH MODULES", 1)[1].split(".SH ", 1)[0]
+    text = section.split(".B adapters\n", 1)[1].split(".TP", 1)[0]
+    for name in sorted(os.listdir(os.path.join(ROOT, "fugue", "adapters"))):
+        if name.endswith(".py") and name != "__init__.py":
+            assert re.search(rf"(^|[^\w]){re.escape(name[:-3])}([^\w]|$)", text), name
