@@ -14,7 +14,9 @@ class FugueError(Exception):
     """
 
     def __init__(self, message, status=1):
-        super().__init__(message)
+        # One line, whatever a value in it holds (a path with a newline, say): \n, \x1b, ...
+        super().__init__("".join(c if c.isprintable() else c.encode("unicode_escape").decode()
+                                 for c in str(message)))
         self.status = status
 
 
