@@ -608,6 +608,9 @@ def check(args, options, target):
     cfg = config.build(options)
     for spec in cfg.bind:
         parse_bind(spec)
+    if not cfg.bind and target and "script" not in target and "LISTEN_FDS" not in os.environ:
+        # what start would refuse (a script may give its own port to fugue.start)
+        raise FugueError("nothing to listen on: give --bind (or bind in the config file)")
     if cfg.status_bind:
         from .statushttp import parse_status_bind
 
@@ -637,7 +640,7 @@ def check(args, options, target):
             f"script {target['script'][0]}" if "script" in target else
             f"command {' '.join(target['command'])}")
     source = args.config or "flags and defaults"
-    binds = ", ".join(cfg.bind) or "(the script's own or LISTEN_FDS)"
+    binds = ", ".join(cfg.bind) or ("LISTEN_FDS" if "LISTEN_FDS" in os.environ else "the script's own")
     print(f"ok: {source}: {what}; {cfg.workers} worker{'s' if cfg.workers != 1 else ''}; listening on {binds}")
     return 0
 

@@ -163,6 +163,12 @@ def test_check_says_ok_and_checks_the_app_imports(here, capsys):
     (here / "fugue.toml").write_text('app = "myapp:H"\nworkers = 2\nbind = "127.0.0.1:4000"\n')
     rc, out, err = check(capsys, "-c", "fugue.toml")
     assert (rc, out) == (0, "ok: fugue.toml: app myapp:H; 2 workers; listening on 127.0.0.1:4000"), err
+    # start would find nothing to listen on: check says so (it said ok)
+    (here / "fugue.toml").write_text('app = "myapp:H"\n')
+    rc, out, err = check(capsys, "-c", "fugue.toml")
+    assert (rc, out, err) == (1, "", "fugue: nothing to listen on: give --bind (or bind in the config file)")
+    rc, _, err = check(capsys, "-w", "1", "--", "sleep", "10")
+    assert (rc, err) == (1, "fugue: nothing to listen on: give --bind (or bind in the config file)")
     (here / "fugue.toml").write_text('app = "myapp:Nope"\nbind = "127.0.0.1:4000"\n')
     rc, _, err = check(capsys, "-c", "fugue.toml")
     assert rc == 1
@@ -176,3 +182,10 @@ def test_check_says_ok_and_checks_the_app_imports(here, capsys):
     assert rc == 1 and err.startswith("fugue: working_path ") and err.endswith("nowhere does not exist or is not a directory")
     rc, _, err = check(capsys, "--user", "no-such-user-here")
     assert (rc, err) == (1, "fugue: unknown user 'no-such-user-here'")
+
+
+@pytest.mark.parametrize("flag", ["--working-path", "--tmp-path", "--log-file", "--access-log"])
+def test_a_path_with_a_newline_is_still_one_line(here, capsys, flag):
+    # hypothesis found `--working-path=\n`: the refusal printed the newline raw, two lines
+    rc, out, err = check(capsys, f"{flag}=nowhere\n/x")
+    assert rc in (1, 2) and "\n" not in err and "nowhere\\n/x" in err, err
