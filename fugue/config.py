@@ -8,6 +8,7 @@ allowed names or values. Nothing here touches the OS beyond path arithmetic.
 
 import dataclasses
 import os
+import re
 
 from .errors import ConfigError
 
@@ -79,6 +80,7 @@ INT_MAX = 2 ** 63 - 1
 SECONDS_MAX = 1e6  # about 11.6 days
 MAX_WORKERS = 1024  # more would be a fork bomb on any one machine, not a deployment
 LIMITS = {"backlog": 2 ** 31 - 1, "umask": 0o777, "workers": MAX_WORKERS}
+REQUEST_PATH = re.compile(r"/[!-~]*")  # an origin-form request target: printable ASCII, no space
 ID_MAX = 2 ** 32 - 2  # (uid_t)-1 means "no change" to setuid(2)
 
 NAMES = [row[0] for row in OPTIONS]
@@ -160,6 +162,12 @@ def coerce(name, value, source="option"):
         if not isinstance(value, (list, tuple)) or not all(
                 isinstance(v, str) and v and "\0" not in v for v in value):
             raise bad()
+        if name == "warmup":  # each is sent as an HTTP request target
+            for path in value:
+                if not REQUEST_PATH.fullmatch(path):
+                    e = ConfigError(f"{source} {name}: {path!r} is not a request path such as /health")
+                    e.expected = "request paths such as /health (ASCII, no spaces: %-encode the rest)"
+                    raise e
         return list(value)
     if kind == "id":
         if isinstance(value, bool):

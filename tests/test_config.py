@@ -4,6 +4,8 @@
 these are table tests over config.OPTIONS, with real files.
 """
 
+import json
+
 import pytest
 
 from fugue import config, ctl
@@ -189,3 +191,14 @@ def test_a_path_with_a_newline_is_still_one_line(here, capsys, flag):
     # hypothesis found `--working-path=\n`: the refusal printed the newline raw, two lines
     rc, out, err = check(capsys, f"{flag}=nowhere\n/x")
     assert rc in (1, 2) and "\n" not in err and "nowhere\\n/x" in err, err
+
+
+@pytest.mark.parametrize("path", ["nopath", "/a b", "/caf\u20ac", "/x\ty"])
+def test_a_warmup_path_must_be_a_request_target(here, capsys, path):
+    # '/caf€' made every worker fail with a UnicodeEncodeError traceback in the log
+    rc, _, err = check(capsys, "--warmup", "/ok", "--warmup", path)
+    assert rc == 2 and err.startswith("fugue: --warmup ") and "expected request paths such as /health" in err, err
+    (here / "fugue.toml").write_text(f"warmup = {json.dumps(['/ok', path])}\n")
+    rc, _, err = check(capsys, "-c", "fugue.toml")
+    assert rc == 2 and err.startswith("fugue: fugue.toml: warmup = ") and "expected request paths" in err, err
+    assert config.build({"warmup": ["/health", "/q?x=%E2%82%AC&y=*"]}).warmup == ["/health", "/q?x=%E2%82%AC&y=*"]
