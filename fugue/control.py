@@ -167,8 +167,9 @@ class ControlServer:
         elif cmd in ("drain", "undrain"):
             self.reply(conn, True, m.drain.set_manual(cmd == "drain"))
         elif cmd == "reopen-logs":
-            m.reopen_logs()
-            self.reply(conn, True, "reopened log files")
+            refused = m.reopen_logs()
+            self.reply(conn, refused is None, f"cannot reopen logs: {refused}; keeping the old files"
+                       if refused else "reopened log files")
         elif cmd == "scale":
             self.reply(conn, *self._scale(msg.get("workers")))
         elif cmd == "watch":

@@ -207,6 +207,7 @@ class Logs:
         self.log_file = log_file
         self.master_log_file = master_log_file or log_file
         self.worker_fd = None
+        self.error = None  # why the last reopen was refused (None: it worked)
 
     def open(self):
         """Open everything once, before daemonizing, so errors are shown to the user."""
@@ -245,6 +246,7 @@ class Logs:
                 cls.refused_since = time.time()
             cls.refused += 1
             cls.refused_reason = str(e)
+            self.error = str(e)
             log.error("cannot reopen logs: %s; keeping the old files", e)
             return None
         if self.master_log_file:
@@ -254,6 +256,7 @@ class Logs:
             if old is not None:
                 os.close(old)
         type(self).refused = 0
+        self.error = None
         return self.worker_fd
 
     def preserve(self):

@@ -474,9 +474,13 @@ class Master(Shell):
         self.pool.scale(count)
 
     def reopen_logs(self):
+        """USR1, fuguectl reopen-logs: None if done, else why it was refused (old files kept)."""
         fd = self.logs.reopen()
+        if self.logs.error:
+            return self.logs.error
         log.info("reopened log files")
         self.pool.reopen_logs(fd)
+        return None
 
     def hold_stop(self, how, handed_over):
         # /healthz says 503 now; the stop begins after drain_delay (fugue.health)

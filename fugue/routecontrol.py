@@ -56,8 +56,9 @@ class RouterControl(ControlServer):
             self.router.begin_stop("quick" if msg.get("quick") else "graceful")
             done(True, "stopping", {"pid": os.getpid()})
         elif cmd == "reopen-logs":
-            self.router.on_reopen_logs()
-            done(True, "reopened log files")
+            refused = self.router.on_reopen_logs()
+            done(refused is None, f"cannot reopen logs: {refused}; keeping the old files"
+                 if refused else "reopened log files")
         else:
             done(False, f"unknown command {cmd!r}; known: {', '.join(COMMANDS)}")
 

@@ -486,10 +486,15 @@ class Router(Shell):
         self.reread()
 
     def on_reopen_logs(self):
+        """USR1, fuguectl reopen-logs: None if done, else why the router's were refused (the
+        apps' masters reopen theirs either way)."""
         self.logs.reopen()
         for app in self.masters:
             self.masters.signal(app, signal.SIGUSR1)
+        if self.logs.error:
+            return self.logs.error
         log.info("reopened log files")
+        return None
 
     def on_upgrade(self):
         log.warning("USR2: the router cannot re-exec itself yet; upgrade each app with "

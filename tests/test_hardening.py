@@ -58,8 +58,13 @@ def test_log_file_symlink_planted_before_usr1_is_refused(fugue_proc, home):
              "the refusal")
     assert read(victim) == "precious\n"
     assert os.path.islink(log_file)
+    assert "reopened log files" not in read(log_file + ".1")
+    from faultkit import ask
+
+    reply = ask(p, "reopen-logs")  # fuguectl reopen-logs says so too (exit 1)
+    assert not reply["ok"] and re.match(r"cannot reopen logs: log file .*app.log is a symlink", reply["text"]), reply
     trouble = status(p)["master"]["log_trouble"]
-    assert re.match(r"1 log reopen refused since [\d:]+: log file .*app.log is a symlink", trouble), trouble
+    assert re.match(r"2 log reopens refused since [\d:]+: log file .*app.log is a symlink", trouble), trouble
     # USR2 with the link still there: the new master refuses it, the old one goes on.
     p.signal(signal.SIGUSR2)
     wait_for(lambda: re.search(r"fugue: log file .*app.log is a symlink; refusing to follow it\n.*upgrade failed: "
