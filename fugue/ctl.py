@@ -621,6 +621,9 @@ def check(args, options, target):
             _say("fugue: warning: /metrics of status_bind needs prometheus-client "
                  "(pip install 'fugue-daemon[status]')")
     Identity(cfg.uid, cfg.gid)
+    from .watch import preflight
+
+    preflight(cfg)
     wd = working_dir(cfg)
     if not os.path.isdir(wd):
         raise FugueError(f"working_path {wd} does not exist or is not a directory")

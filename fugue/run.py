@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from . import keeper, notify, upgrade
+from . import keeper, notify, upgrade, watch
 from .config import DEFAULT_TMP_PATHS
 from .daemon import Logs, check_pid_file, daemonize, setup_logging, tell_launcher
 from .errors import FugueError
@@ -38,6 +38,7 @@ def check_paths(cfg):
     pid_dir = os.path.dirname(cfg.path("pid_file"))
     if not os.path.isdir(pid_dir):
         raise FugueError(f"pid file directory {pid_dir} does not exist")
+    watch.preflight(cfg)
     return cfg.replace(working_path=working)
 
 

@@ -49,6 +49,28 @@ DEBOUNCE_MS = 200
 ARM_TIMEOUT = 10.0
 
 
+
+def _import_watchfiles():
+    try:
+        import watchfiles
+    except ImportError:
+        raise FugueError("watch mode needs watchfiles: pip install watchfiles") from None
+    return watchfiles
+
+
+def _check_paths(paths):
+    for path in paths:
+        if not os.path.exists(path):
+            raise FugueError(f"cannot watch {path}: no such file or directory")
+
+
+def preflight(cfg):
+    """What Watcher.start would refuse, said before the master binds anything (run.check_paths,
+    fuguectl check): without it the refusal came after 'listening on ...'."""
+    if cfg.watch:
+        _import_watchfiles()
+        _check_paths([os.path.join(cfg.start_dir, p) for p in cfg.watch_paths])
+
 class Watcher:
     """Posts batches of changed files to the master's loop through `fileno()`.
 
@@ -104,13 +126,8 @@ class Watcher:
         """
         if self._thread is not None or self._stopped:
             raise FugueError("watcher already started")
-        try:
-            import watchfiles
-        except ImportError:
-            raise FugueError("watch mode needs watchfiles: pip install watchfiles") from None
-        for path in self.paths:
-            if not os.path.exists(path):
-                raise FugueError(f"cannot watch {path}: no such file or directory")
+        watchfiles = _import_watchfiles()
+        _check_paths(self.paths)
         self._dirs, self._files = _roots(self.paths)
 
         self._reader, self._writer = socket.socketpair()  # close-on-exec by default (PEP 446)

@@ -98,3 +98,14 @@ def test_stale_unix_socket_replaced_live_one_refused(fugue_proc, workdir):
     p.signal(15)
     p.wait_exit()
     assert not os.path.exists(path)  # removed on exit
+
+
+def test_watch_refusals_come_before_anything_is_bound(fugue_proc, workdir):
+    # a missing watch path (or watchfiles) was refused only after 'listening on ...'
+    p = fugue_proc(["app.py", "0", "1", json.dumps({"watch": True, "watch_paths": ["nope"]})])
+    fails(p, f"cannot watch {workdir}/nope: no such file or directory", workdir)
+    assert "listening on" not in p.log()
+    (workdir / "watchfiles.py").write_text("raise ImportError('not installed')\n")
+    p = fugue_proc(["fuguectl", "start", "--watch", "-w", "1", "--bind", "127.0.0.1:0", "app.py"])
+    fails(p, "watch mode needs watchfiles: pip install watchfiles", workdir)
+    assert "listening on" not in p.log()

@@ -5,6 +5,7 @@ these are table tests over config.OPTIONS, with real files.
 """
 
 import json
+import sys
 
 import pytest
 
@@ -202,3 +203,12 @@ def test_a_warmup_path_must_be_a_request_target(here, capsys, path):
     rc, _, err = check(capsys, "-c", "fugue.toml")
     assert rc == 2 and err.startswith("fugue: fugue.toml: warmup = ") and "expected request paths" in err, err
     assert config.build({"warmup": ["/health", "/q?x=%E2%82%AC&y=*"]}).warmup == ["/health", "/q?x=%E2%82%AC&y=*"]
+
+
+def test_check_refuses_what_watch_mode_would(here, capsys, monkeypatch):
+    (here / "app.py").write_text("")
+    rc, _, err = check(capsys, "--watch", "--watch-paths", "nope", "--bind", "127.0.0.1:0", "app.py")
+    assert (rc, err) == (1, f"fugue: cannot watch {here}/nope: no such file or directory")
+    monkeypatch.setitem(sys.modules, "watchfiles", None)  # makes the import fail
+    rc, _, err = check(capsys, "--watch", "--bind", "127.0.0.1:0", "app.py")
+    assert (rc, err) == (1, "fugue: watch mode needs watchfiles: pip install watchfiles")
