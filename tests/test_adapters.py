@@ -361,3 +361,19 @@ def test_connection_is_served_then_drained(app, kind):
         assert ctx.stats.requests >= 1 and ctx.stats.in_flight == 0
     finally:
         listener.close()
+
+
+def test_pick_names_the_extra_an_unloadable_adapter_needs(monkeypatch):
+    # `pip install .` then a Flask app: it said "fugue cannot serve a Flask: give ... a WSGI app"
+    import sys
+
+    for name in ("waitress", "uvicorn"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes the import fail
+    for name in ("fugue.adapters.wsgi", "fugue.adapters.asgi"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(ValueError) as info:
+        pick(wsgi_app, {})
+    text = str(info.value)
+    assert text.startswith("fugue cannot serve a function with the adapters it can load; ")
+    assert "the wsgi adapter cannot be loaded: " in text and "(pip install 'fugue-daemon[wsgi]')" in text
+    assert "(pip install 'fugue-daemon[asgi]')" in text

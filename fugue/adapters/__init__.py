@@ -40,13 +40,18 @@ def pick(target, options):
     name = options.get("adapter") or "auto"
     if name != "auto":
         return load(name)(target, options)
+    missing = []
     for kind, path, _ in KINDS:
         try:
             cls = load(kind)
-        except ValueError:
+        except ValueError as e:
+            missing.append(str(e))
             continue
         if cls.accepts(target):
             return cls(target, options)
+    if missing:  # a Flask app without waitress: say what to install, not what fugue serves
+        raise ValueError(f"fugue cannot serve a {type(target).__name__} with the adapters it can load; "
+                         + "; ".join(missing))
     raise ValueError(f"fugue cannot serve a {type(target).__name__}: give a socketserver server, "
                      "a request handler class, a WSGI app (environ, start_response), an ASGI app "
                      "async (scope, receive, send), an asyncio handler async (reader, writer) or "
