@@ -117,7 +117,9 @@ def within(condition: Callable, cap: float, interval: float = 0.02):
 
 def make_server(kind: str, workdir: str, env: Optional[dict] = None):
     flags = ("--timeout", str(TIMEOUT_S), "--graceful-timeout", str(GRACEFUL_S))
-    if kind == "fugue":
+    if kind.startswith("fugue"):
+        if kind == "fugue-preload":  # a mold per generation; workers are forked from it
+            flags += ("--preload",)
         return contenders.FugueServer(workdir, "chaos_wsgi:app", WORKERS, options=flags, env=env)
     return contenders.GunicornServer(workdir, "chaos_wsgi:app", WORKERS, "gthread", threads=4,
                                      options=flags, env=env)
@@ -215,7 +217,7 @@ def hup_broken(kind, s, load, notes) -> str:
     s.set_generation("broken")
     t = load.mark("HUP (broken app)")
     os.kill(master, signal.SIGHUP)
-    if kind == "fugue":
+    if kind.startswith("fugue"):
         failed = within(lambda: "reload failed" in s.log_text(offset), CAP_S)
         text = (f"rolled back after {ms(load.elapsed() - t)}" if failed
                 else "no rollback seen")
@@ -227,7 +229,7 @@ def hup_broken(kind, s, load, notes) -> str:
     time.sleep(1.0)  # observe what the load sees after the outcome
     alive = proctree.alive(master)
     answers = s.answers()
-    if kind == "fugue" or alive:
+    if kind.startswith("fugue") or alive:
         text += "; old workers serving" if answers and answers.endswith("gen 0") else (
             f"; answers {answers!r}")
     return text
@@ -240,7 +242,7 @@ def usr2_broken(kind, s, load, notes) -> str:
     s.set_generation("broken")
     t = load.mark("USR2 (broken app)")
     os.kill(master, signal.SIGUSR2)
-    if kind == "fugue":
+    if kind.startswith("fugue"):
         failed = within(lambda: "upgrade failed" in s.log_text(offset), CAP_S)
         text = (f"upgrade failed after {ms(load.elapsed() - t)}, old master goes on" if failed
                 else "no outcome seen")
@@ -276,7 +278,7 @@ def hup_storm(kind, s, load, notes) -> str:
             s.set_generation(i)
             os.kill(s.master, signal.SIGHUP)
             time.sleep(1.0 / STORM)
-        if kind == "fugue":
+        if kind.startswith("fugue"):
             def settled():
                 st = s.status()
                 if not st or st["master"]["pending_generation"] is not None or st["master"].get("asked"):
@@ -304,7 +306,7 @@ def hup_storm(kind, s, load, notes) -> str:
     on_last = sum(1 for settled_, last_, _, _ in runs if settled_ and last_)
     took = "/".join(f"{took * 1000:.0f}" for _, _, took, _ in runs)
     codes = ", ".join(code for _, _, _, code in runs)
-    if kind == "fugue":
+    if kind.startswith("fugue"):
         extra = (f"{len(re.findall(r'reload done', log))} reloads done, "
                  f"{len(re.findall(r'joins the reload already waiting', log))} HUPs coalesced, "
                  f"{len(re.findall(r'refused', log))} refused")
@@ -373,7 +375,7 @@ def ttin_ttou(kind, s, load, notes) -> str:
     # What the master says it handled: POSIX coalesces a signal sent again
     # before the first was delivered, so a busy master may see fewer.
     log = s.log_text(offset)
-    if kind == "fugue":
+    if kind.startswith("fugue"):
         moves = [(int(a), int(b)) for a, b in re.findall(r"workers: (\d+) -> (\d+)", log)]
         ins, outs = sum(b > a for a, b in moves), sum(b < a for a, b in moves)
     else:
@@ -630,7 +632,8 @@ COLUMNS = ["fault", "server", "requests", "failed", "failed by kind", "down", "o
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=list(FAULTS), help="these faults only")
-    parser.add_argument("--server", choices=("fugue", "gunicorn"), help="one server only")
+    parser.add_argument("--server", choices=("fugue", "fugue-preload", "gunicorn"), help="one server only")
+    parser.add_argument("--preload", action="store_true", help="also fugue --preload (fugue-preload)")
     parser.add_argument("--seed", type=int, default=8, help="which workers get killed")
     parser.add_argument("--out", help="also draw the load timelines into this PNG")
     args = parser.parse_args(argv)
@@ -640,7 +643,7 @@ def main(argv=None) -> int:
         return 2
     random.seed(args.seed)
     proctree.become_subreaper()
-    kinds = [args.server] if args.server else ["fugue", "gunicorn"]
+    kinds = [args.server] if args.server else ["fugue", "gunicorn"] + (["fugue-preload"] if args.preload else [])
     outcomes = []
     for name in args.only or list(FAULTS):
         for kind in kinds:

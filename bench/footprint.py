@@ -166,24 +166,26 @@ def idle(tmp: str, seconds: float, use_strace: bool) -> tuple:
     return rows, notes
 
 
-def spawn(tmp: str, sizes, repeats: int) -> tuple:
-    """Time to N ready workers, fugue and gunicorn alternating; (rows, notes)."""
+def spawn(tmp: str, sizes, repeats: int, preload: bool = False) -> tuple:
+    """Time to N ready workers, fugue and gunicorn (and fugue --preload) alternating; (rows, notes)."""
     notes = []
-    times = {(name, n): [] for n in sizes for name in ("fugue", "gunicorn")}
-    cpu = {(name, n): [] for n in sizes for name in ("fugue", "gunicorn")}
+    names = ("fugue", "gunicorn") + (("fugue --preload",) if preload else ())
+    times = {(name, n): [] for n in sizes for name in names}
+    cpu = {(name, n): [] for n in sizes for name in names}
     reported = {n: [] for n in sizes}
     run = 0
     for r in range(repeats):
         for n in sizes:
-            order = ("fugue", "gunicorn") if (r + sizes.index(n)) % 2 == 0 else ("gunicorn", "fugue")
+            shift = (r + sizes.index(n)) % len(names)
+            order = names[shift:] + names[:shift]
             for name in order:
                 run += 1
-                path = os.path.join(tmp, f"spawn-{run}-{name}-{n}")
+                path = os.path.join(tmp, f"spawn-{run}-{name.replace(' --', '-')}-{n}")
                 os.mkdir(path)
-                if name == "fugue":
+                if name.startswith("fugue"):
                     # ready_timeout: 64 interpreters on 2 shared cores must not hit the default 30 s
-                    server = contenders.FugueServer(path, workers=n,
-                                                    options=("--ready-timeout", "150"))
+                    server = contenders.FugueServer(path, workers=n, options=(
+                        "--ready-timeout", "150", *(("--preload",) if "preload" in name else ())))
                 else:
                     server = contenders.GunicornServer(path, workers=n,
                                                        options=("--timeout", "150"))
@@ -216,9 +218,14 @@ def spawn(tmp: str, sizes, repeats: int) -> tuple:
                      "fugue / gunicorn": f"{statistics.median(f) / statistics.median(g):.2f}",
                      "CPU s fugue": fmt(cpu[("fugue", n)]),
                      "CPU s gunicorn": fmt(cpu[("gunicorn", n)])})
+        if preload:
+            p = times[("fugue --preload", n)]
+            rows[-1].update({"fugue --preload s": fmt(p),
+                             "preload / gunicorn": f"{statistics.median(p) / statistics.median(g):.2f}",
+                             "CPU s fugue --preload": fmt(cpu[("fugue --preload", n)])})
     first, last = sizes[0], sizes[-1]
     if last > first:
-        for name in ("fugue", "gunicorn"):
+        for name in names:
             per = ((statistics.median(times[(name, last)]) - statistics.median(times[(name, first)]))
                    / (last - first))
             per_cpu = ((statistics.median(cpu[(name, last)])
@@ -235,6 +242,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--no-strace", dest="strace", action="store_false")
     parser.add_argument("--no-spawn", dest="spawn", action="store_false")
+    parser.add_argument("--no-idle", dest="idle_run", action="store_false")
+    parser.add_argument("--preload", action="store_true", help="spawn fugue --preload too")
     args = parser.parse_args(argv)
     absent = contenders.missing("gunicorn", "waitress")
     if absent:
@@ -244,8 +253,8 @@ def main(argv=None) -> int:
     proctree.become_subreaper()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="fugue-bench-footprint-") as tmp:
-        idle_rows, notes = idle(tmp, args.idle, use_strace)
-        spawn_rows, spawn_notes = (spawn(tmp, args.sizes, args.repeats) if args.spawn
+        idle_rows, notes = idle(tmp, args.idle, use_strace) if args.idle_run else ([], [])
+        spawn_rows, spawn_notes = (spawn(tmp, args.sizes, args.repeats, args.preload) if args.spawn
                                    else ([], []))
     import gunicorn
 
@@ -262,9 +271,11 @@ def main(argv=None) -> int:
     if spawn_rows:
         print(f"\nTime from start to N workers ready (hello_wsgi; fugue: waitress adapter, "
               f"gunicorn: gthread), {args.repeats} run(s) each, median (min-max)\n")
-        print(plot.markdown_table(spawn_rows, ["workers", "fugue s", "fugue's own figure s",
-                                               "gunicorn s", "fugue / gunicorn",
-                                               "CPU s fugue", "CPU s gunicorn"]))
+        columns = ["workers", "fugue s", "fugue's own figure s", "gunicorn s", "fugue / gunicorn",
+                   "CPU s fugue", "CPU s gunicorn"]
+        if args.preload:
+            columns += ["fugue --preload s", "preload / gunicorn", "CPU s fugue --preload"]
+        print(plot.markdown_table(spawn_rows, columns))
     for note in notes + spawn_notes:
         print(f"- {note}")
     return 0

@@ -152,9 +152,10 @@ class Fugue:
     BenchError); close() leaves no process behind.
     """
 
-    def __init__(self, workdir: str, workers: int = WORKERS):
+    def __init__(self, workdir: str, workers: int = WORKERS, flags: tuple = ()):
         self.dir = Path(workdir)
         self.workers = workers
+        self.flags = list(flags)
         self.app_dir = self.dir / "app"
         self.app_dir.mkdir()
         self.app_path = self.app_dir / APP_SOURCE.name
@@ -176,7 +177,7 @@ class Fugue:
     def start(self) -> int:
         argv = [sys.executable, "-m", "fugue.ctl", "start", "--bind", "127.0.0.1:0",
                 "--workers", str(self.workers), "--pid-file", str(self.pidfile),
-                "--tmp-path", str(self.tmp), "--verbose", str(self.app_path)]
+                "--tmp-path", str(self.tmp), "--verbose", *self.flags, str(self.app_path)]
         with open(self.log_path, "ab") as log:
             popen = subprocess.Popen(argv, cwd=self.dir, env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=log, stderr=subprocess.STDOUT,
@@ -216,8 +217,9 @@ class Fugue:
         return json.loads(done.stdout)
 
     def worker_pids(self, master: Optional[int] = None) -> set:
-        """Live workers of `master` (default: the current one): its children in /proc."""
-        return proctree.children(master or self.master)
+        """Live workers of `master` (default: the current one): its children in /proc, but
+        for a preload mold (also its child, but it serves nothing)."""
+        return {pid for pid in proctree.children(master or self.master) if not _is_mold(pid)}
 
     def steady_workers(self) -> set:
         """The current master's workers once there are exactly `workers` of them."""
@@ -374,6 +376,15 @@ class Fugue:
         return None
 
 
+def _is_mold(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            data = f.read()
+        return data.startswith(b"fugue mold") or b"fugue._mold" in data
+    except OSError:
+        return False
+
+
 def _gen_above(gen: int) -> Callable[[str], bool]:
     rx = re.compile(r" gen (\d+)$")
 
@@ -431,7 +442,7 @@ def _steady(seconds: float) -> None:
 
 # -- fugue scenarios ----------------------------------------------------------------------
 
-def _run_fugue(name: str, body, out_dir: Path) -> gunicorn_side.Scenario:
+def _run_fugue(name: str, body, out_dir: Path, flags: tuple = ()) -> gunicorn_side.Scenario:
     """Common frame: temp dir, fugue, load; `body(f, load, events, notes)`.
 
     fugue's log is kept as out_dir/reload-fugue-NAME.log whatever happens.
@@ -439,7 +450,7 @@ def _run_fugue(name: str, body, out_dir: Path) -> gunicorn_side.Scenario:
     events, notes = [], []
     aborted = None
     with tempfile.TemporaryDirectory(prefix=f"fugue-bench-reload-{name}-") as tmp:
-        f = Fugue(tmp)
+        f = Fugue(tmp, flags=flags)
         load = None
         try:
             f.start()
@@ -474,12 +485,12 @@ def _run_fugue(name: str, body, out_dir: Path) -> gunicorn_side.Scenario:
     return scenario
 
 
-def fugue_hups(n: int, out_dir: Path) -> gunicorn_side.Scenario:
+def fugue_hups(n: int, out_dir: Path, flags: tuple = ()) -> gunicorn_side.Scenario:
     def body(f: Fugue, load: loadgen.Load, events: list, notes: list) -> None:
         for i in range(1, n + 1):
             events.append(f.hup(load, f"HUP {i}"))
             _steady(GAP_S)
-    return _run_fugue("hup", body, out_dir)
+    return _run_fugue("hup" + "".join(flags).replace("--", "-"), body, out_dir, flags)
 
 
 def fugue_usr2s(n: int, out_dir: Path) -> gunicorn_side.Scenario:
@@ -618,6 +629,8 @@ def main(argv=None) -> int:
                         help="gunicorn USR2 dances, per variant (default: --usr2)")
     parser.add_argument("--no-gunicorn", dest="gunicorn", action="store_false")
     parser.add_argument("--no-broken", dest="broken", action="store_false")
+    parser.add_argument("--preload", action="store_true",
+                        help="also HUP fugue --preload (a mold per generation, workers forked from it)")
     parser.add_argument("--out", default=str(HERE / "out"), help="output directory")
     args = parser.parse_args(argv)
     g_hups = args.hups if args.gunicorn_hups is None else args.gunicorn_hups
@@ -634,6 +647,8 @@ def main(argv=None) -> int:
         runs.append((f"HUP x{args.hups}", "fugue", fugue_hups(args.hups, out)))
     if args.gunicorn and g_hups:
         runs.append((f"HUP x{g_hups}", "gunicorn", gunicorn_side.hup_storm(g_hups)))
+    if args.preload and args.hups:
+        runs.append((f"HUP x{args.hups}", "fugue --preload", fugue_hups(args.hups, out, ("--preload",))))
     if args.usr2:
         runs.append((f"USR2 x{args.usr2}", "fugue", fugue_usr2s(args.usr2, out)))
     if args.gunicorn and g_usr2:
@@ -663,7 +678,7 @@ def main(argv=None) -> int:
         details += [f"- {note}" for note in s.notes]
         details += [f"- sample {k}: {v}" for k, v in s.result.failure_samples.items()]
         details += [f"- {line}" for line in failure_report(s)]
-        if server == "fugue" and s.result.failed:
+        if server.startswith("fugue") and s.result.failed:
             evidence = fugue_failure_evidence(s)
             details += ["", "fugue lost requests; where, and its log around each:", "", "```"]
             details += evidence + ["```"]
@@ -676,7 +691,7 @@ def main(argv=None) -> int:
     print(f"\ndetails: {out / 'reload.md'}\ntimelines: {', '.join(map(str, pngs))}\n"
           f"fugue logs: {out}/reload-fugue-*.log")
     fugue_bad = sum(s.result.failed + bool(getattr(s, "aborted", None))
-                    for _, server, s in runs if server == "fugue")
+                    for _, server, s in runs if server.startswith("fugue"))
     return 1 if fugue_bad else 0
 
 

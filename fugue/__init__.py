@@ -39,11 +39,12 @@ OS), never in a cycle; tests/test_imports.py holds the code to this map.
       system      the OS seam of the state machines: spawn, kill, clock, notify, reap
       limits      RLIMIT_NOFILE checked at start; a refused spawn described with its limit
       leftovers   what an exited worker left in its process group (TERM, KILL); listener holders
-  tier machines:    status control shell pool rollout upgrade appmasters
+  tier machines:    status control shell molds pool rollout upgrade appmasters
       status      the status of a master and its workers, as data
       control     the control socket, and fuguectl's client side of it
       shell       what the master and the router share: loop pass, run directory,
                   PidFile (the pid file's one writer), signal table, stop, shutdown
+      molds       preload, the master's side: a mold per generation, the workers it forks
       pool        the worker slots: spawn, channels, READY, stop, kill, backoff
       rollout     a generation's life: begin, promote, rollback; queued asks; the watch trigger
       upgrade     USR2, both sides: the handoff, step down, take over, failure report
@@ -59,7 +60,7 @@ OS), never in a cycle; tests/test_imports.py holds the code to this map.
       ctl         fuguectl; it never imports master
       worker      a worker process: listeners, privileges, the adapter, the channel
       mold        preload: the interpreter of a generation that imports the app and
-                  forks its workers (its master side must not live here: pool is above)
+                  forks its workers (its master side is molds)
       _boot       python -m fugue._boot: a worker's entry point
       _appboot    python -m fugue._appboot: an app master's entry point
       _mold       python -m fugue._mold: a preload mold's entry point

@@ -45,6 +45,8 @@ OPTIONS = [
     ("wait_ready", "bool", False, "READY is sent by the app calling fugue.ready(), not on serving"),
     ("startup_check", "callable", None, "callable (or module:attr) run in each new worker before READY"),
     ("warmup", "list", [], "paths each new HTTP worker GETs from its own app before READY; a 5xx or an exception fails it"),
+    ("preload", "bool", False,
+     "import the app once per generation and fork its workers from that interpreter (not for a command)"),
     ("reload_strategy", "choice:all|rolling", "all", "all: the whole new generation ready first; rolling: k at a time"),
     ("reload_batch", "int+", 1, "workers replaced at a time by a rolling reload"),
     ("adapter", "choice:auto|socketserver|handler|wsgi|asgi|asyncio|callable", "auto",

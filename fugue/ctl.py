@@ -839,6 +839,10 @@ def render_status(data):
         lines.append(f"watch     {'on' if m['watch'] else 'paused'}")
     if m.get("log_trouble"):
         lines.append(f"logs      {m['log_trouble']}")
+    for mold in data.get("molds") or []:  # preload: the interpreter a generation's workers fork from
+        extra = f", not fork-safe: {', '.join(mold['hazards'])}" if mold.get("hazards") else ""
+        lines.append(f"mold      pid {mold.get('pid')}, generation {mold.get('generation')}, "
+                     f"{mold.get('state')}, {mold.get('forks', 0)} forked{extra}")
     lines.append(f"requests  {totals.get('requests', 0)} served, {totals.get('in_flight', 0)} in flight, "
                  f"{totals.get('connections', 0)} connections open")
     counters = data.get("counters") or {}

@@ -88,6 +88,10 @@ class Master(Shell):
         return self.pool.restarts
 
     @property
+    def molds(self):
+        return self.pool.molds
+
+    @property
     def generation(self):
         return self.gens.serving
 
@@ -113,6 +117,7 @@ class Master(Shell):
             self.loop.add_reader(self.handoff.sock, self._on_handoff_message)
         if self.cfg.watch:
             self._start_watcher()
+        self.pool.molds.setup()  # preload: the master becomes a child subreaper
         if self.cfg.status_bind:
             self.status_server = StatusServer(self, self.cfg.status_bind)
             self.loop.add_reader(self.status_server.sock, self.status_server.accept)
@@ -146,7 +151,7 @@ class Master(Shell):
         first of all what was asked and can begin now (a rollout that ended frees the way).
         """
         timers = [self.upgrade.check_deadline(self.system.monotonic()) if self.upgrade else None,
-                  self._watch_timer(),
+                  self._watch_timer(), self.pool.molds.deadline(self.system.monotonic()),
                   self.control.deadline() if self.control else None, self.drain.tick(),
                   self.pool.leftovers.tick(self.system.monotonic())]
         for _ in range(4):
@@ -157,6 +162,9 @@ class Master(Shell):
                 break
             for action in actions:
                 self.act(action, now)
+            pending = self.gens.pending_generation()
+            self.pool.fork_queued(now, None if self.stopping else (pending or self.gens.serving),
+                                  pending, self.rollback)
         deadlines = [d for d in [deadline] + timers if d]
         return min(deadlines, default=None)
 
@@ -225,6 +233,8 @@ class Master(Shell):
             if self.upgrade is not None and pid == self.upgrade.pid:
                 self.upgrade_exited(status)
                 continue
+            if self.pool.molds.reaped(pid, status, self.gens.pending_generation(), self.rollback):
+                continue
             w = self.pool.pop(pid)
             if w is None:
                 log.warning("reaped unknown child pid %d (%s)", pid, describe_status(status))
@@ -238,8 +248,9 @@ class Master(Shell):
 
     def begin_rollout(self, source, initial=False, waiter=None):
         """The first generation, at start (a reload is asked for: `ask`)."""
-        self.gens.begin(source, self.pool.target_count, initial=initial, waiter=waiter)
+        rollout = self.gens.begin(source, self.pool.target_count, initial=initial, waiter=waiter)
         self.pool.forget_backoff()
+        self.pool.molds.start(rollout.generation, rollout.started)
 
     # -- what the operator asks for: queued, coalesced, begun in turn ---------------------
 
@@ -295,6 +306,7 @@ class Master(Shell):
         rollout.waiters.extend(asked.waiters)
         rollout.note = note
         self.pool.forget_backoff()
+        self.pool.molds.start(rollout.generation, rollout.started)
 
     def apply_script_options(self, generation):
         """The new generation's code may give fugue.start other options (script mode): applied
@@ -340,6 +352,7 @@ class Master(Shell):
         if not self.gens.pending.initial:
             self.apply_script_options(generation)
         rollout, text = self.gens.promote(generation, now)
+        self.pool.molds.retire(keep=generation)
         if rollout.initial:
             self.tell_launcher(True, str(os.getpid()))
             if self.old_master_draining():
@@ -353,6 +366,7 @@ class Master(Shell):
     def rollback(self, reason):
         """Stop the pending generation; the serving one goes on (or, at start, give up)."""
         gen = self.gens.pending.generation
+        self.pool.molds.retire(keep=self.gens.serving)
         self.pool.stop_generation(gen, f"generation {gen} rolled back", self.system.monotonic())
         rollout = self.gens.rollback(reason)
         if not rollout.initial:
@@ -502,6 +516,7 @@ class Master(Shell):
             self.upgrade.abort()
         if not handed_over:
             self.asks.answer_all(False, lambda a: f"{a.kind} refused: the master is stopping")
+        self.pool.molds.retire()  # no generation's workers are spawned again
         if how == "quick":
             self.pool.kill_all()
 

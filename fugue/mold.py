@@ -1,228 +1,47 @@
-"""Preload: one interpreter per generation imports the app; the workers are forked from it.
+"""Preload, the mold's side: the interpreter that imports the app once and forks its workers.
 
-Who calls it: the master (through the pool) starts one mold per generation with
-`start_mold` when the `preload` option is on, and asks it for workers with
-`Mold.fork`; `python -m fugue._mold` (exec'd like a worker) runs `main()`.
+Who calls it: `python -m fugue._mold` (exec'd by the master, see fugue.molds)
+runs `main()`; `worker.serve` in the mold calls `MoldRuntime.fork_workers`.
 
 The mold is exec'd fresh, as a worker is, with privileges dropped and the chdir
 done between fork and exec, so a reload still runs the code now on disk and no
-app code runs as root. It imports the app, runs `startup_check`, calls
-`gc.freeze()` and then waits on its channel for FORK requests. Each FORK
-carries the new worker's end of its own channel (SCM_RIGHTS); the mold forks
-twice (the middle child exits at once) and answers FORKED with the worker's
-pid. The master is a child subreaper (PR_SET_CHILD_SUBREAPER, as pitchfork
-does), so the orphaned worker becomes the master's own child: the master reaps
-it, signals it and sees its exit status exactly as for an exec'd worker, and
-the worker outlives its mold. The mold holds no listener, so it accepts
-nothing; it exits when its generation retires (STOP or EOF on its channel).
-
-Why a synchronous FORK/FORKED round trip: the master must know a worker's pid
-before it goes back to its loop (to reap, time out and signal it), and the mold
-runs nothing but this loop after the import, so it answers within one fork's
-time; a mold that does not answer in FORK_TIMEOUT is killed and the generation
-goes on with exec'd workers (or rolls back while it is being rolled out).
+app code runs as root. It imports the app (the garbage collector off, so no
+collection punches holes into pages the workers will share), runs
+`startup_check`, imports the server library, makes a WSGI app's warmup requests,
+calls `gc.freeze()` and then waits on its channel for FORK requests, forking
+twice for each (fugue.molds says why). The mold holds no listener, so it
+accepts nothing; it exits when its generation retires (STOP or EOF).
 
 Fork safety: a thread alive in the mold when it would fork (an error reporter or
 a metrics client started at import) does not exist in the forked workers and
-may hold a lock they need. The mold looks for live threads (Python's and native
-ones, from /proc/self/task) after the import and the startup check; if there
-are any it names them in one line (UNSAFE) and exits, and the master starts
-that generation's workers by exec, as without preload: an unsafe app degrades
-to today's behaviour instead of breaking. Sockets and event loops created at
-import cannot be detected; fugue.after_fork is where a worker opens its own.
+may hold a lock they need; a connection opened at import would be shared by
+every worker. Before it forks, the mold looks for threads (Python's and native
+ones, from /proc/self/task), connected sockets and files open for writing
+(`fork_hazards`); if there are any it names them in one line (UNSAFE) and exits,
+and the master starts that generation's workers by exec, as without preload: an
+unsafe app degrades to today's behaviour instead of breaking. What cannot be
+seen from outside (a lock a C library holds, a pool that caches its pid) is the
+app's to handle: fugue.after_fork is where a worker opens its own.
 """
 
-import enum
 import gc
 import json
 import logging
 import os
 import random
 import re
-import select
 import signal
-import sys
 import threading
-import time
 
 from . import protocol, workers
 from .adapters.base import Stats
-from .errors import FugueError
-from .fds import read_messages, recv_with_fds, send_with_fds
+from .fds import recv_with_fds
 
 log = logging.getLogger("fugue")
-
-FORK_TIMEOUT = 10.0  # seconds a READY mold has to answer a FORK with the worker's pid
 
 # Signals that mean nothing to a mold (they are for the master); a `kill -HUP 0` must not end it.
 IGNORED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH)
 
-
-# -- the master's side ---------------------------------------------------------------------
-
-class MoldState(enum.Enum):
-    STARTING = "starting"    # importing the app
-    READY = "ready"          # imported, frozen: forks workers on request
-    UNSAFE = "unsafe"        # not fork-safe after the import (fork_hazards): the workers are exec'd
-    GONE = "gone"            # exited or retired: the generation's workers are exec'd from now on
-
-
-class MoldError(Exception):
-    """A fork request the mold did not answer with a pid; the text says why."""
-
-
-class Mold:
-    """The master's record of one generation's mold."""
-
-    def __init__(self, pid, generation, channel, now):
-        self.pid = pid
-        self.generation = generation
-        self.channel = channel
-        self.state = MoldState.STARTING
-        self.started = now
-        self.started_wall = time.time()
-        self.ready_after = None     # seconds the import and startup check took
-        self.reason = None          # why it failed, as it said
-        self.hazards = []           # UNSAFE: what it found (threads, connected sockets, files)
-        self.forks = 0
-        self.retiring = False       # asked to stop: its exit is expected
-        self.killed = False         # SIGKILL sent
-        self.exited = False         # reaped
-
-    def __str__(self):
-        return f"mold (pid {self.pid}, generation {self.generation})"
-
-    def forks_workers(self):
-        """True while workers of this generation are forked from it (False: exec them)."""
-        return self.state is MoldState.READY and not self.retiring
-
-    def read(self, now):
-        """Messages waiting on the channel; returns True at EOF. Called by the master's loop."""
-        messages, eof = read_messages(self.channel, lambda e: log.warning("%s sent a bad message: %s", self, e))
-        for msg in messages:
-            self._handle(msg, now)
-        return eof
-
-    def _handle(self, msg, now):
-        kind = msg["type"]
-        if kind == protocol.READY and self.state is MoldState.STARTING:
-            self.state = MoldState.READY
-            self.ready_after = now - self.started
-            log.info("%s ready: app imported and frozen in %.2fs", self, self.ready_after)
-        elif kind == protocol.UNSAFE and self.state is MoldState.STARTING:
-            self.state = MoldState.UNSAFE
-            self.hazards = [str(t)[:200] for t in msg.get("hazards") or []][:20]
-            log.warning("%s: not fork-safe after the import (%s); generation %d's workers are exec'd "
-                        "instead of forked (open connections and start threads in fugue.after_fork)",
-                        self, ", ".join(self.hazards), self.generation)
-        elif kind == protocol.FAILED:
-            self.reason = str(msg.get("reason"))[:2000]
-
-    def fork(self, items):
-        """Ask for one worker per (slot, channel end) in `items`, all at once; return {slot: pid}.
-
-        The requests go out together and the answers are collected together, so a generation
-        of N workers costs one round trip, not N (on a busy machine each round trip waits to
-        be scheduled). On return each worker is already the master's child (its middle parent
-        has exited). Any failure raises MoldError: the master then gives up on this mold.
-        """
-        for slot, child in items:
-            try:
-                send_with_fds(self.channel, protocol.encode(protocol.FORK, slot=slot), [child.fileno()])
-            except OSError as e:
-                raise MoldError(f"cannot send a fork request: {e.strerror or e}") from None
-        wanted = {slot for slot, _ in items}
-        pids = {}
-        deadline = time.monotonic() + FORK_TIMEOUT
-        while wanted - pids.keys():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise MoldError(f"no answer to {len(wanted - pids.keys())} fork request(s) in {FORK_TIMEOUT:g}s")
-            try:
-                select.select([self.channel], [], [], left)
-            except InterruptedError:
-                continue
-            messages, eof = read_messages(self.channel)
-            for msg in messages:
-                if msg["type"] == protocol.FORKED and msg.get("slot") in wanted:
-                    pid = msg.get("pid")
-                    if not (isinstance(pid, int) and not isinstance(pid, bool) and pid > 1):
-                        raise MoldError(f"fork failed: {msg.get('reason') or 'no pid'}")
-                    pids[msg["slot"]] = pid
-                    self.forks += 1
-                else:
-                    self._handle(msg, time.monotonic())
-            if eof and wanted - pids.keys():
-                raise MoldError("exited during a fork request" + (f": {self.reason}" if self.reason else ""))
-        return pids
-
-    def retire(self):
-        """Stop it: STOP when it is waiting for requests, SIGKILL while it is still importing."""
-        if self.retiring:
-            return
-        self.retiring = True
-        if self.state is MoldState.READY:
-            try:
-                self.channel.send(protocol.encode(protocol.STOP, reason="retired"))
-                return
-            except OSError:
-                pass
-        self.kill()
-
-    def kill(self):
-        self.killed = True
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def describe(self):
-        """The row `fuguectl status` shows."""
-        return {"pid": self.pid, "generation": self.generation, "state": self.state.value,
-                "forks": self.forks, "started": self.started_wall,
-                "ready_after": None if self.ready_after is None else round(self.ready_after, 3),
-                "hazards": list(self.hazards)}
-
-
-def become_subreaper():
-    """PR_SET_CHILD_SUBREAPER on this process (the master): workers forked by a mold become
-    its children when their middle parent exits. FugueError if the kernel refuses."""
-    import ctypes
-
-    PR_SET_CHILD_SUBREAPER = 36
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise FugueError(f"preload needs PR_SET_CHILD_SUBREAPER (Linux 3.4+): {os.strerror(err)}")
-
-
-def start_mold(generation, target, name, options, identity, working_path, log_fd, loop, now, listeners=()):
-    """Fork and exec the mold of `generation`; return its Mold. Called by the master's pool.
-
-    `listeners` (the master's) only name the Host a warmup request carries; the mold gets none.
-    """
-    parent, child = workers.channel_pair()
-    try:
-        argv = workers.python_argv() + ["-m", "fugue._mold"]
-        env = workers.worker_env(0, generation, json.dumps(target), child.fileno())
-        pid = workers.spawn(argv, env, identity, working_path, log_fd, [], child.fileno(),
-                            target=target, loop=loop)
-    finally:
-        child.close()
-    mold = Mold(pid, generation, parent, now)
-    try:
-        from .adapters._warmup import _listener_host
-
-        parent.send(protocol.encode(protocol.HELLO, worker_id=0, generation=generation, name=name,
-                                    options=options, listeners=[],
-                                    warmup_host=_listener_host([lst.sock for lst in listeners])))
-    except OSError as e:
-        log.error("%s: cannot send its hello: %s", mold, e)
-    parent.setblocking(False)
-    return mold
-
-
-# -- the mold's side ---------------------------------------------------------------------
 
 class MoldRuntime:
     """fugue's view of the mold process (worker.current there) until a worker is forked.
@@ -501,6 +320,9 @@ def _become_forked_worker(rt, fd):
     from . import worker
 
     workers.child_signals(None)
+    # Its own process group, as an exec'd worker (workers.spawn): what the app forks without
+    # exec goes with it when it exits (fugue.leftovers), not with the mold's group.
+    os.setpgid(0, 0)
     rt.channel.close()      # the mold's channel is the mold's alone
     gc.enable()
     random.seed()           # each worker its own sequence (os.fork reseeds random too; be explicit)

@@ -22,6 +22,7 @@ from .config import MAX_WORKERS
 from .fds import recv_with_fds, send_with_fds
 from .foreign import NotifySocket, StderrTail
 from .leftovers import Leftovers
+from .molds import Molds
 from .policy import WorkerState
 from .system import SYSTEM
 
@@ -49,6 +50,7 @@ class Worker:
         self.notify = None          # foreign, ready_mode=notify: its NOTIFY_SOCKET
         self.stderr = None          # foreign: its stderr through the master (foreign.StderrTail)
         self.script_options = None  # what its code's fugue.start asked for (READY), if it said
+        self.mold = None            # preload: the pid of the mold it was forked from
 
     def view(self):
         return policy.WorkerView(self.pid, self.slot, self.generation, self.state,
@@ -81,6 +83,7 @@ class Pool:
         self.not_before = {}            # slot -> earliest respawn (monotonic)
         self.restarts = {}              # slot -> respawns after unexpected exits
         self.leftovers = Leftovers(cfg.graceful_timeout)  # exited workers' process groups (fugue.leftovers)
+        self.molds = None               # preload (fugue.molds), made by reconfigure
         self.reconfigure(cfg, target)
 
     def reconfigure(self, cfg, target):
@@ -91,6 +94,11 @@ class Pool:
         public = cfg.public()
         self.worker_options = {k: v for k, v in public.items()
                                if isinstance(v, (str, int, float, bool, list, type(None)))}
+        if self.molds is None:
+            self.molds = Molds(cfg, target, self.name, self.worker_options, self.identity, self.logs,
+                               self.listeners, self.loop)
+        else:
+            self.molds.reconfigure(cfg, target, self.worker_options)
 
     def views(self):
         return tuple(w.view() for w in self.workers.values())
@@ -101,9 +109,15 @@ class Pool:
     # -- spawning ----------------------------------------------------------------------
 
     def spawn(self, slot, generation, now):
-        """Fork and exec the worker of `slot` for `generation`; send it HELLO and the listeners."""
+        """Fork and exec the worker of `slot` for `generation`; send it HELLO and the listeners.
+
+        With preload the generation's mold takes the spawn instead (None is returned): it is
+        forked by `fork_queued` at the end of the pass, or held until the mold is ready.
+        """
+        if self.molds.take_spawn(slot, generation):
+            return None
         parent, child = workers.channel_pair()
-        notify_sock = None
+        notify_sock = tail = None
         try:
             if "command" in self.target:
                 argv = list(self.target["command"])
@@ -137,10 +151,22 @@ class Pool:
             raise
         finally:
             child.close()
+        return self.add(pid, slot, generation, parent, now, notify_sock=notify_sock, stderr_tail=tail)
+
+    def fork_queued(self, now, wanted, pending, rollback):
+        """End of a decide pass: fork the spawns the molds took, one round trip per mold
+        (fugue.molds.Molds.fork_queued says what `wanted`, `pending` and `rollback` are)."""
+        self.molds.fork_queued(now, wanted, lambda pid, slot, generation, parent, now, mold: self.add(
+            pid, slot, generation, parent, now, forked_from=mold), self.spawn, rollback, pending)
+
+    def add(self, pid, slot, generation, parent, now, forked_from=None, notify_sock=None, stderr_tail=None):
+        """Record a worker just spawned (or forked from a mold), send it HELLO and the listeners,
+        read its channel."""
         w = Worker(pid, slot, generation, parent, now, foreign="command" in self.target)
+        w.mold = forked_from
         if w.foreign:
-            w.stderr = tail
-            self.loop.add_reader(tail, lambda: self._on_stderr(w))
+            w.stderr = stderr_tail
+            self.loop.add_reader(stderr_tail, lambda: self._on_stderr(w))
         self.workers[pid] = w
         if w.foreign:
             w.last_beat = float("inf")
@@ -159,7 +185,7 @@ class Pool:
                 log.error("%s: cannot send the listeners: %s", w, e)
         parent.setblocking(False)
         self.loop.add_reader(parent, lambda: self.on_channel(w))
-        log.debug("spawned %s", w)
+        log.debug("spawned %s%s", w, f" (forked from mold pid {forked_from})" if forked_from else "")
         return w
 
     # -- what workers say ----------------------------------------------------------------
@@ -296,6 +322,7 @@ class Pool:
         for w in self.workers.values():
             if not w.foreign:
                 self.send(w, protocol.REOPEN, fds=[fd] if fd is not None else [])
+        self.molds.reopen_logs(fd)
 
     # -- counts and backoff ------------------------------------------------------------------
 
@@ -396,7 +423,7 @@ class Pool:
         and what the workers left in their process groups (TERM, KILL after graceful_timeout)."""
         for w in list(self.workers.values()):
             self.signal(w, signal.SIGKILL)
-        for pid in list(self.workers):
+        for pid in list(self.workers) + self.molds.kill_all():
             try:
                 os.waitpid(pid, 0)
             except ChildProcessError:

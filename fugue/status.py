@@ -44,6 +44,7 @@ def collect(master):
             "current_more": _int(stats.get("current_more")),  # in flight, not listed (protocol.MAX_CURRENT)
             "foreign": w.foreign,
             "status": stats.get("status"),  # a foreign worker's sd_notify STATUS=
+            "mold": getattr(w, "mold", None),  # preload: the pid of the mold it was forked from
         })
     event = master.last_event
     return {
@@ -63,6 +64,7 @@ def collect(master):
             "watch": None if master.watcher is None else not master.watcher.paused,
             "log_trouble": log_trouble(),  # e.g. '12 log lines lost since 10:02:03: No space left on device'
         },
+        "molds": master.molds.describe() if hasattr(master, "molds") else [],
         "listeners": [lst.describe() for lst in master.listeners],
         "totals": totals,
         "counters": counters,

@@ -4,7 +4,7 @@ Answers with JSON: its pid, its parent, the pid and euid of the interpreter that
 imported it (the mold's, when the worker was forked from one), the version of
 preload_lib (a module: new code must come from a new import), and what its
 after_fork hook saw. Behaviour for the next import from preload.json in the
-working directory: {"hazard": "thread"|"loop"|"sqlite", "after_fork_fails": true}.
+working directory: {"hazard": "thread"|"loop"|"sqlite", "after_fork_fails": true, "ready_at_import": true}.
 /crash exits at once.
 """
 
@@ -40,6 +40,9 @@ if fugue.worker_id() is not None:
 
         DB = sqlite3.connect("app.db")
         DB.execute("create table if not exists t (x)")
+
+if BEHAVIOUR.get("ready_at_import"):  # with wait_ready: warmed up by the import itself
+    fugue.ready()
 
 HOOKED = []
 
