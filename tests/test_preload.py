@@ -50,6 +50,8 @@ def test_workers_are_forked_from_the_mold_and_stay_the_masters(fugue_proc, workd
     for pid, a in seen.items():
         assert a["import_pid"] == mold != pid   # imported once, in the mold
         assert a["ppid"] == master              # the master's child: it reaps and signals it
+        with open(f"/proc/{pid}/stat") as f:
+            assert int(f.read().rpartition(")")[2].split()[2]) == pid  # its own process group
     assert len(lines(workdir / "imports.log")) == 1
     # after_fork: once in each worker, none in the mold, with the worker's id.
     hooked = lines(workdir / "after_fork.log")
