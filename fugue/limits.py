@@ -17,7 +17,7 @@ from .errors import FugueError
 # and wakeup pair, the control socket and its clients, the status listener, the watcher,
 # the upgrade socket, the pid file and the temp files it writes, Python's own.
 MASTER_BASE = 32
-PER_WORKER = 2  # its channel (and a foreign worker's notify socket); twice during a reload
+PER_WORKER = 3  # its channel (a foreign worker's notify socket and stderr pipe); twice during a reload
 
 
 def needed_descriptors(listeners, workers):
