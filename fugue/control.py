@@ -153,6 +153,9 @@ class ControlServer:
         """The master's commands; a subclass serves another owner (the router)."""
         m = self.master
         cmd = msg.get("cmd")
+        if msg.get("app") is not None:  # `fuguectl reload api` sent to a master, not a router
+            raise Refused(f"{cmd} {msg['app']}: this master serves one app; an app name is for a router "
+                          "(routed mode)")
         if cmd == "pid":
             self.reply(conn, True, str(os.getpid()), {"pid": os.getpid()})
         elif cmd == "reload":

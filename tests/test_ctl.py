@@ -89,6 +89,13 @@ def test_every_command_against_a_real_master(fugue_proc, workdir):
     rc, _, err = run_ctl(["watch", "on"], workdir)
     assert rc == 1 and one_line(err) == "fugue: watch mode is not enabled (start with --watch)"
 
+    # an app name is for a router: a plain master reloaded everything and said done
+    for cmd in ("reload", "upgrade"):
+        rc, out, err = run_ctl([cmd, "api"], workdir)
+        assert (rc, out, one_line(err)) == (1, "", f"fugue: {cmd} api: this master serves one app; "
+                                                   "an app name is for a router (routed mode)")
+    assert "generation 2" in p.body() and p.master_pid() == master
+
     rc, out, err = run_ctl(["stop"], workdir)
     assert (rc, out.strip()) == (0, f"master pid {master} stopped"), err
     assert p.popen.poll() is not None or p.wait_exit() == 0
