@@ -64,14 +64,18 @@ def test_twenty_hups_in_one_second_end_on_the_code_of_the_last(fugue_proc, workd
 
 def test_fuguectl_reload_waits_its_turn_and_hears_its_own_outcome(fugue_proc, workdir):
     p = fugue_proc(["app.py", "0", "1"]).started()
-    behave(workdir, ready_delay=1.0, version="v2")
+    behave(workdir, ready_delay=2.5, version="v2")  # long enough to look at the status meanwhile
     env = dict(os.environ, PYTHONPATH=ROOT)
     first = subprocess.Popen([sys.executable, "-m", "fugue.ctl", "reload"], cwd=workdir, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.wait_log(r"reload \(fuguectl\): starting generation 2")
-    second = ctl(p, "reload")
-    assert second.returncode == 0 and re.fullmatch(r"reload done: generation 3 serving \([\d.]+s\)\n",
-                                                   second.stdout), second
+    second = subprocess.Popen([sys.executable, "-m", "fugue.ctl", "reload"], cwd=workdir, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.wait_log(r"reload \(fuguectl\) waits its turn: generation 2 is still starting")
+    shown = ctl(p, "status").stdout
+    assert re.search(r"^asked     reload \(fuguectl\): waits its turn$", shown, re.M), shown
+    assert second.wait(30) == 0 and re.fullmatch(r"reload done: generation 3 serving \([\d.]+s\)\n",
+                                                 second.stdout.read())
     assert first.wait(30) == 0 and "generation 2 serving" in first.stdout.read()
 
 
