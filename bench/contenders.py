@@ -60,19 +60,31 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def group_cpu_s(pgid: int) -> float:
-    """CPU seconds (user + system) used so far by the live members of process group `pgid`.
+def descendants(pid: int) -> set:
+    """Live descendants of `pid` (children, their children, ...)."""
+    found, todo = set(), [pid]
+    while todo:
+        for child in proctree.children(todo.pop()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
 
-    Exited members are not counted (their time went to a parent that may be dead).
+
+def tree_cpu_s(master: int) -> float:
+    """CPU seconds (user + system) used so far by `master` and its live descendants, with
+    what their reaped children left them (cutime, cstime: /proc/PID/stat fields 14-17).
+
+    The tree, not the process group: fugue's workers lead process groups of their own.
     """
     ticks = 0
-    for pid in proctree.group(pgid):
+    for pid in {master} | descendants(master):
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 fields = f.read().rsplit(b")", 1)[1].split()
         except OSError:
             continue
-        ticks += int(fields[11]) + int(fields[12])
+        ticks += sum(int(x) for x in fields[11:15])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

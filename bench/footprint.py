@@ -192,7 +192,7 @@ def spawn(tmp: str, sizes, repeats: int, preload: bool = False) -> tuple:
                 try:
                     server.start(timeout=SPAWN_TIMEOUT_S)
                     times[(name, n)].append(server.boot_s)
-                    cpu[(name, n)].append(contenders.group_cpu_s(server.master))
+                    cpu[(name, n)].append(contenders.tree_cpu_s(server.master))
                     if name == "fugue":
                         reported[n].append(server.reported_s)
                     print(f"  spawn {name:8} N={n:<3} {server.boot_s:6.2f} s", file=sys.stderr)

@@ -103,7 +103,7 @@ def measure_once(server, seconds: int, conns: int) -> dict:
     """One wrk run, plus the server's CPU time per request over it (all its processes),
     and what its master (the process we started: fugue's master, gunicorn's
     arbiter, uvicorn's supervisor, bare_serve's waiting parent) did meanwhile."""
-    cpu_before = contenders.group_cpu_s(server.master)
+    cpu_before = contenders.tree_cpu_s(server.master)
     master_cpu, master_ctxt = (contenders.process_cpu_s(server.master),
                                contenders.ctxt_switches(server.master))
     others = proctree.group(server.master) - {server.master}
@@ -115,7 +115,7 @@ def measure_once(server, seconds: int, conns: int) -> dict:
     # awake may accept most of them, and then carries most of the load.
     spent = [contenders.process_cpu_s(pid) - before for pid, before in others_before.items()]
     result["busiest_share"] = max(spent) / sum(spent) if sum(spent) > 0 else None
-    cpu = contenders.group_cpu_s(server.master) - cpu_before
+    cpu = contenders.tree_cpu_s(server.master) - cpu_before
     result["cpu_us"] = cpu / max(result["requests"], 1) * 1e6
     result["master_cpu_s"] = contenders.process_cpu_s(server.master) - master_cpu
     result["master_wakeups"] = contenders.ctxt_switches(server.master) - master_ctxt

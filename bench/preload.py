@@ -60,7 +60,6 @@ except ModuleNotFoundError as e:
 
 URL = "/admin/login/"
 CONCURRENCY = 8
-CLK = os.sysconf("SC_CLK_TCK")
 
 
 # -- the app ---------------------------------------------------------------------------------
@@ -78,35 +77,6 @@ def make_site(root: Path) -> Path:
 
 
 # -- observing the servers -------------------------------------------------------------------
-
-def descendants(pid: int) -> set:
-    found, todo = set(), [pid]
-    while todo:
-        for child in proctree.children(todo.pop()):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _stat(pid: int):
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def tree_cpu_s(master: int) -> float:
-    """CPU seconds used so far by `master` and its live descendants, with what their reaped
-    children left them (cutime, cstime)."""
-    ticks = 0
-    for pid in {master} | descendants(master):
-        fields = _stat(pid)
-        if fields:
-            ticks += sum(int(x) for x in fields[11:15])
-    return ticks / CLK
-
 
 def pss_kib(pid: int) -> int:
     try:
@@ -126,7 +96,7 @@ def title(pid: int) -> str:
 
 def memory(server) -> dict:
     """PSS (MiB) of the master, the mold (fugue --preload), the workers and all of them."""
-    procs = {pid: title(pid) for pid in descendants(server.master)}
+    procs = {pid: title(pid) for pid in contenders.descendants(server.master)}
     molds = [pid for pid, t in procs.items() if "fugue mold" in t]
     workers = [pid for pid in procs if pid not in molds]
     master = pss_kib(server.master)
@@ -179,7 +149,7 @@ def reload_once(kind: str, server, workers: int) -> tuple:
     """(wall s, CPU s) of one reload of a serving server."""
     before_workers = set(server.worker_pids()) if kind.startswith("fugue") else set(
         proctree.children(server.master))
-    cpu0 = tree_cpu_s(server.master)
+    cpu0 = contenders.tree_cpu_s(server.master)
     t0 = time.monotonic()
     if kind.startswith("fugue"):
         done = server.ctl("reload", timeout=180)
@@ -193,8 +163,8 @@ def reload_once(kind: str, server, workers: int) -> tuple:
         proctree.wait_for(lambda: len(regex.findall(server.log_text(offset))) >= workers, 180,
                           "gunicorn's new workers")
         wall = time.monotonic() - t0
-    proctree.wait_for(lambda: not (before_workers & descendants(server.master)), 180, "old workers gone")
-    return wall, tree_cpu_s(server.master) - cpu0
+    proctree.wait_for(lambda: not (before_workers & contenders.descendants(server.master)), 180, "old workers gone")
+    return wall, contenders.tree_cpu_s(server.master) - cpu0
 
 
 def run(kind: str, tmp: str, site: Path, args) -> dict:
