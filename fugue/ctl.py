@@ -180,7 +180,8 @@ def build_parser():
 
     for name, text in (("start", "start a master (TARGET: a script calling fugue.start, MODULE:ATTR or --app, "
                                  "or -- COMMAND)"),
-                       ("check", "validate the options, the config file and the target; start nothing")):
+                       ("check", "validate the options, the config file and the target (an --app imported as "
+                                  "the workers' user); start nothing")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("-c", "--config", metavar="FILE", help="TOML config file (see fugue(5))")
         p.add_argument("--app", metavar="MODULE:ATTR", help="serve this object (imported in each worker)")
@@ -205,7 +206,8 @@ def build_parser():
         "app", nargs="?", metavar="APP", help="routed mode: the master of this app")
     control("scale", "set the number of workers").add_argument(
         "workers", metavar="N|+N|-N", help="a number of workers, or a change")
-    control("reopen-logs", "reopen the log files (as USR1), after logrotate moved them")
+    control("reopen-logs", "reopen the log files (as USR1), after logrotate moved them; "
+            "exit 1 if one is refused (a symlink, an unsafe directory)")
     control("status", "show the master, its workers and their counters").add_argument(
         "--json", action="store_true", help="print the status as JSON")
     control("pid", "print the pid of the running master")
