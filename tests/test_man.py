@@ -107,3 +107,11 @@ def test_setup_installs_the_pages():
     installed = " ".join(cfg["options.data_files"].values())
     for page in PAGES:
         assert page in installed and os.path.exists(os.path.join(ROOT, page))
+
+
+def test_the_synopsis_names_every_command():
+    text = plain("man/fuguectl.1")
+    synopsis = text.split(".SH SYNOPSIS", 1)[1].split(".SH ", 1)[0]
+    words = set(re.findall(r"[\w-]+", synopsis))
+    for cmd in ctl.COMMANDS:
+        assert cmd in words, f"fuguectl {cmd} missing from the SYNOPSIS of fuguectl(1)"
