@@ -326,3 +326,15 @@ def test_a_foreign_program_is_not_preloaded(fugue_proc, workdir):
     p.wait_log(r"preload does not apply to a foreign program")
     assert p.body().startswith("foreign ")
     assert "started mold" not in p.log()
+
+
+def test_a_hung_forked_worker_is_killed_by_the_master_and_forked_again(fugue_proc, workdir):
+    """Heartbeats and timeouts: the master signals a forked worker as its own child."""
+    p = fugue_proc(["preload_app.py", "0", "1", json.dumps({"preload": True, "timeout": 1})]).started()
+    mold = mold_pid(p, 1)
+    hung = answer(p)["pid"]
+    os.kill(hung, signal.SIGSTOP)
+    p.wait_log(rf"killing worker 1 \(pid {hung}, generation 1\): no heartbeat for 1s")
+    p.wait_log(r"worker 1 \(pid \d+, generation 1\) ready", count=2)
+    a = answer(p)
+    assert a["pid"] != hung and a["import_pid"] == mold
