@@ -459,6 +459,8 @@ class Master(Shell):
 
     def _on_handoff_message(self):
         self.handoff.read(self.loop, self.gens.serving, starting=self.gens.pending is not None and self.gens.pending.initial)
+        if not self.old_master_draining():
+            reconfig.unlink_dropped()  # the socket files of Unix listeners bind no longer names
 
     # -- signals and commands (SIGNAL_COMMANDS in fugue.shell) ------------------------------
 

@@ -120,5 +120,39 @@ def follow_bind(handed, cfg):
     log = logging.getLogger("fugue")
     for lst in gone:
         log.info("upgrade: %s is no longer in bind: not listening on it", lst.describe()["address"])
+        _remember_path(lst)
     close_listeners(gone, unlink=False)
     return keep + added
+
+
+# New master: socket files of Unix listeners that bind no longer names. The old master still
+# serves on them until it exits; then `unlink_dropped` removes them.
+dropped_paths = []
+
+
+def _remember_path(lst):
+    import socket
+    import stat
+
+    if lst.sock.family != socket.AF_UNIX or str(lst.spec).startswith("fd:"):
+        return
+    try:
+        path = lst.sock.getsockname()
+        st = os.lstat(path) if isinstance(path, str) and path and not path.startswith("\0") else None
+    except OSError:
+        return
+    if st is not None and stat.S_ISSOCK(st.st_mode):
+        dropped_paths.append((path, st.st_dev, st.st_ino))
+
+
+def unlink_dropped():
+    """New master, once the old master is gone: remove the socket files of dropped Unix
+    listeners, if each is still the very socket it was (same device and inode)."""
+    while dropped_paths:
+        path, dev, ino = dropped_paths.pop()
+        try:
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                os.unlink(path)
+        except OSError:
+            pass

@@ -96,3 +96,17 @@ def test_bind_change_needs_an_upgrade_and_usr2_serves_it(fugue_proc, workdir):
     assert old_master == p.popen.pid
     p.wait_exit(30)  # the old master, once its workers drained
     assert refused(old_port)
+
+
+def test_usr2_drops_a_unix_socket_no_longer_in_bind_once_the_old_master_is_gone(fugue_proc, workdir):
+    toml(workdir, bind=["unix:a.sock"], workers=1)
+    p = fugue_proc(["fuguectl", "start", "-c", "fugue.toml"]).started()
+    a, b = str(workdir / "a.sock"), str(workdir / "b.sock")
+    assert http_get(0, unix=a)[0] == 200
+    toml(workdir, bind=["unix:b.sock"], workers=1)
+    p.signal(signal.SIGUSR2)
+    p.wait_log(r"upgrade done")
+    wait_for(lambda: os.path.exists(b) and http_get(0, unix=b)[0] == 200, 20, "b.sock served")
+    p.wait_exit(30)  # the old master
+    wait_for(lambda: not os.path.exists(a), 10, "a.sock removed by the new master")
+    assert http_get(0, unix=b)[0] == 200
