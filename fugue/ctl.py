@@ -482,8 +482,6 @@ def _start_or_check(args, tail):
         return run_script(target["script"], options)
     cfg = config.build(options)
     check_target(target, cfg)
-    if cfg.access_log not in (None, "-") and not os.path.isdir(os.path.dirname(cfg.access_log)):
-        raise FugueError(f"access_log {cfg.access_log}: directory {os.path.dirname(cfg.access_log)} does not exist")
     from .run import run_master
 
     return run_master(cfg, target)

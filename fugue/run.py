@@ -16,6 +16,7 @@ from .errors import FugueError
 from .master import Master
 from .fds import close_listeners, open_listeners, systemd_listeners
 from .shell import PidFile
+from .statushttp import parse_status_bind
 from .workers import Identity
 
 log = logging.getLogger("fugue")
@@ -38,6 +39,11 @@ def check_paths(cfg):
     pid_dir = os.path.dirname(cfg.path("pid_file"))
     if not os.path.isdir(pid_dir):
         raise FugueError(f"pid file directory {pid_dir} does not exist")
+    access_log = cfg.path("access_log") if cfg.access_log != "-" else None
+    if access_log and not os.path.isdir(os.path.dirname(access_log)):
+        raise FugueError(f"access_log {access_log}: directory {os.path.dirname(access_log)} does not exist")
+    if cfg.status_bind:
+        parse_status_bind(cfg.status_bind)  # bound after the listeners: a bad one must not get that far
     watch.preflight(cfg)
     return cfg.replace(working_path=working)
 

@@ -100,11 +100,19 @@ def test_stale_unix_socket_replaced_live_one_refused(fugue_proc, workdir):
     assert not os.path.exists(path)  # removed on exit
 
 
-def test_watch_refusals_come_before_anything_is_bound(fugue_proc, workdir):
-    # a missing watch path (or watchfiles) was refused only after 'listening on ...'
-    p = fugue_proc(["app.py", "0", "1", json.dumps({"watch": True, "watch_paths": ["nope"]})])
-    fails(p, f"cannot watch {workdir}/nope: no such file or directory", workdir)
+@pytest.mark.parametrize("opts, message", [
+    ({"watch": True, "watch_paths": ["nope"]}, "cannot watch {workdir}/nope: no such file or directory"),
+    ({"status_bind": "bogus"}, "status_bind: bad bind address 'bogus'"),
+    ({"access_log": "/nonexistent/a.log"}, "access_log /nonexistent/a.log: directory /nonexistent does not exist"),
+])
+def test_refused_before_anything_is_bound(fugue_proc, workdir, opts, message):
+    # these were refused only after 'listening on ...' (the access log: by every worker)
+    p = fugue_proc(["app.py", "0", "1", json.dumps(opts)])
+    fails(p, message.format(workdir=workdir), workdir)
     assert "listening on" not in p.log()
+
+
+def test_watch_refusals_come_before_anything_is_bound(fugue_proc, workdir):
     (workdir / "watchfiles.py").write_text("raise ImportError('not installed')\n")
     p = fugue_proc(["fuguectl", "start", "--watch", "-w", "1", "--bind", "127.0.0.1:0", "app.py"])
     fails(p, "watch mode needs watchfiles: pip install watchfiles", workdir)
