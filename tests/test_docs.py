@@ -19,6 +19,21 @@ def test_every_option_is_in_the_readme_table():
         assert re.search(rf"^\| `{name}` \|", text, re.M), f"option {name} missing from README"
 
 
+def test_the_readme_table_says_what_config_options_says():
+    """Each row: the kind, the default and the help of config.OPTIONS (the help may go on)."""
+    import json
+
+    rows = {m.group(1): m.groups()[1:] for m in re.finditer(r"^\| `(\w+)` \| (.*?) \| (.*?) \| (.*) \|$",
+                                                            readme(), re.M)}
+    for name, kind, default, text in OPTIONS:
+        shown_kind = " / ".join(kind[len("choice:"):].split("|")) if kind.startswith("choice:") else kind
+        shown_default = ("" if default in (None, []) else f"`{default:#05o}`" if name == "umask"
+                         else f"`{default!r}`" if isinstance(default, bool) else f"`{json.dumps(default)}`")
+        row_kind, row_default, row_text = rows[name]
+        assert (row_kind, row_default) == (shown_kind, shown_default), name
+        assert row_text.startswith(text), f"{name}: README says {row_text!r}, config.OPTIONS {text!r}"
+
+
 def test_every_fuguectl_command_is_in_the_readme():
     from fugue.control import COMMANDS
 
