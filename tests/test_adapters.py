@@ -377,3 +377,39 @@ def test_pick_names_the_extra_an_unloadable_adapter_needs(monkeypatch):
     assert text.startswith("fugue cannot serve a function with the adapters it can load; ")
     assert "the wsgi adapter cannot be loaded: " in text and "(pip install 'fugue-daemon[wsgi]')" in text
     assert "(pip install 'fugue-daemon[asgi]')" in text
+
+
+def test_an_asyncio_drain_answers_what_its_loop_accepted_last():
+    """A reload closes a worker's asyncio servers (ASGI, asyncio adapters). asyncio accepts in
+    one loop pass and attaches the connection to its server in a task on the next; a close in
+    between dropped the accepted connections unanswered (their clients were reset when the old
+    worker exited: ConnectionResetError right after 'reload done' under load)."""
+    from fugue.adapters._util import close_after_sweep
+
+    class Answer(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def data_received(self, data):
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            self.transport.close()
+
+    async def drain_right_after_accepting():
+        listener = socket.create_server(("127.0.0.1", 0))
+        kept = listener.dup()  # the master's copy: the listener outlives this worker's close
+        server = await asyncio.get_running_loop().create_server(Answer, sock=listener)
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(20)]
+        for c in clients:
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(0)  # pass 1: the connections are seen ready
+        await asyncio.sleep(0)  # pass 2: accepted; their attach tasks would run on pass 3
+        await close_after_sweep([server])
+        answered = 0
+        for c in clients:
+            c.settimeout(5)
+            answered += c.recv(100).startswith(b"HTTP/1.1 200")
+            c.close()
+        kept.close()
+        return answered
+
+    assert asyncio.run(drain_right_after_accepting()) == 20

@@ -139,17 +139,27 @@ def queued(sock):
 
 
 async def close_after_sweep(servers, settle=0.05):
-    """Close asyncio servers once their loop has accepted what the listeners queued;
-    `settle` seconds more let the accepted connections get their protocol."""
+    """Close asyncio servers without dropping a connection their loop already accepted.
+
+    On a graceful stop of the whole service (the master refuses new handshakes) what is
+    queued is accepted here first; on a reload the queue is the new generation's. Then
+    accepting stops, and the loop runs once more before the servers close: asyncio
+    accepts in one callback and attaches the connection to its server in a task that
+    runs on the next pass, and a Server.close() in between makes that task fail (3.11:
+    Server._attach asserts the server is open), so the accepted socket was dropped and
+    its client saw a reset. `settle` seconds more let the accepted connections get going.
+    """
     socks = [sock for srv in servers for sock in (srv.sockets or ())]
-    if not any(refusing_new_clients(sock) for sock in socks):
-        for srv in servers:  # a reload: the queue is the new generation's
-            srv.close()
-        return
-    for _ in range(SWEEP_MAX):
-        if not any(queued(sock) for sock in socks):
-            break
-        await asyncio.sleep(0)  # one loop pass: asyncio accepts on readiness
+    if any(refusing_new_clients(sock) for sock in socks):
+        for _ in range(SWEEP_MAX):
+            if not any(queued(sock) for sock in socks):
+                break
+            await asyncio.sleep(0)  # one loop pass: asyncio accepts on readiness
+    loop = asyncio.get_running_loop()
+    for sock in socks:
+        loop.remove_reader(sock.fileno())  # stop accepting; the listener stays open
+    for _ in range(2):  # the attach tasks of the last accepts run on the next pass
+        await asyncio.sleep(0)
     for srv in servers:
         srv.close()
     await asyncio.sleep(settle)
