@@ -54,10 +54,12 @@ OS), never in a cycle; tests/test_imports.py holds the code to this map.
       routecontrol  the router's control commands
       router      routed mode: sniffing and routing connections to apps' inboxes
       keeper      the stable parent under systemd and as PID 1; the master is its child
-  tier entry points:  run routed ctl worker mold _boot _appboot _mold fugue
+  tier entry points:  run routed ctl ctlargs ctlcheck worker mold _boot _appboot _mold fugue
       run         starting a master: checks, bind or take over, daemonize, run
       routed      starting a router, and python -m fugue.router's commands
-      ctl         fuguectl; it never imports master
+      ctl         fuguectl: main, start, the control commands; it never imports master
+      ctlargs     fuguectl's flags (gunicorn's/uvicorn's aliases), config file and target
+      ctlcheck    fuguectl check: the checks start makes before binding
       worker      a worker process: listeners, privileges, the adapter, the channel
       mold        preload: the interpreter of a generation that imports the app and
                   forks its workers (its master side is molds)

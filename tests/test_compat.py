@@ -9,7 +9,7 @@ import tomllib
 
 import pytest
 
-from fugue import ctl
+from fugue import ctlargs
 from fugue.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,13 +27,13 @@ def table_rows():
 
 def parse(argv, tmp_path):
     """(args, options, target) as `fuguectl start ARGV` computes them before starting anything."""
-    parser = ctl.build_parser()
+    parser = ctlargs.build_parser()
     args = parser.parse_args(["start"] + argv)
-    if args.args and ctl.is_app_spec(args.target):
-        ctl._parse_options_after_app(parser.fugue_start_parsers["start"], args)
-    options, file_target = ctl.gather_options(args)
-    ctl.environment(args)
-    return args, options, ctl.choose_target(args, None, file_target)
+    if args.args and ctlargs.is_app_spec(args.target):
+        ctlargs._parse_options_after_app(parser.fugue_start_parsers["start"], args)
+    options, file_target = ctlargs.gather_options(args)
+    ctlargs.environment(args)
+    return args, options, ctlargs.choose_target(args, None, file_target)
 
 
 @pytest.mark.parametrize("flags,fugue", table_rows(), ids=lambda v: v[0] if isinstance(v, list) else v)
@@ -42,7 +42,7 @@ def test_readme_row_parses_and_means_what_the_table_says(flags, fugue, tmp_path,
     monkeypatch.setenv("PWD", str(tmp_path))
     (tmp_path / "fugue.toml").write_text("workers = 3\n")
     argv = shlex.split(flags[0])
-    start = ctl.build_parser().fugue_start_parsers["start"]
+    start = ctlargs.build_parser().fugue_start_parsers["start"]
     known = {s for action in start._actions for s in action.option_strings}
     for token in argv:
         if token.startswith("-") and token != "-":  # "-" is a value (stdout)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fugue import config, ctl
+from fugue import config, ctl, ctlargs
 
 BAD = {  # kind -> (a bad TOML value as written in the file, the same as a flag value or None)
     "int+": ("0", "0"),
@@ -54,21 +54,21 @@ def test_every_bad_value_in_a_file_is_one_line(here, capsys, name, kind):
 
 
 @pytest.mark.parametrize("name,kind", [(row[0], row[1]) for row in config.OPTIONS
-                                       if row[0] not in ctl.NOT_FLAGS and bad_for(row[1])[1] is not None])
+                                       if row[0] not in ctlargs.NOT_FLAGS and bad_for(row[1])[1] is not None])
 def test_every_bad_value_as_a_flag_is_one_line(here, capsys, name, kind):
     _, value = bad_for(kind)
-    rc, _, err = check(capsys, f"{ctl.flag_of(name)}={value}")
+    rc, _, err = check(capsys, f"{ctlargs.flag_of(name)}={value}")
     assert rc == 2
-    assert err == f"fugue: {ctl.flag_of(name)} {value}: expected {config._describe(kind)}"
+    assert err == f"fugue: {ctlargs.flag_of(name)} {value}: expected {config._describe(kind)}"
 
 
 def test_every_option_has_a_flag_and_a_key():
-    parser = ctl.build_parser()
+    parser = ctlargs.build_parser()
     start = parser._subparsers._group_actions[0].choices["start"]
     flags = {opt for action in start._actions for opt in action.option_strings}
     for name in config.NAMES:
-        if name not in ctl.NOT_FLAGS:
-            assert ctl.flag_of(name) in flags, name
+        if name not in ctlargs.NOT_FLAGS:
+            assert ctlargs.flag_of(name) in flags, name
     for alias in ("--bind", "--user", "--group", "--chdir", "--daemon", "--foreground", "--pid-file",
                   "-c", "--config", "-w", "--workers", "--log-file", "--master-log-file", "--tmp-path",
                   "--ready-timeout", "--graceful-timeout", "--timeout", "--name", "--status-bind", "--app"):
@@ -113,9 +113,9 @@ def test_flags_win_over_the_file_over_the_defaults(here):
     (here / "conf" / "fugue.toml").write_text(
         'workers = 3\nname = "file"\nbind = ["127.0.0.1:4000", "unix:app.sock"]\npid_file = "run.pid"\n'
         'umask = 0o027\nverbose = true\nscript = ["app.py", "--port", "1"]\n')
-    args = ctl.build_parser().parse_args(["start", "-c", "conf/fugue.toml", "-w", "5", "--no-verbose",
+    args = ctlargs.build_parser().parse_args(["start", "-c", "conf/fugue.toml", "-w", "5", "--no-verbose",
                                           "--umask", "077", "--bind", ":5000", "--bind", "[::1]:5001"])
-    options, target = ctl.gather_options(args)
+    options, target = ctlargs.gather_options(args)
     assert options["workers"] == 5                      # flag
     assert options["name"] == "file"                    # file
     assert options["verbose"] is False                  # flag: --no-verbose
@@ -125,24 +125,24 @@ def test_flags_win_over_the_file_over_the_defaults(here):
     assert target == {"script": [str(here / "conf" / "app.py"), "--port", "1"]}
     cfg = config.build(options)
     assert cfg.graceful_timeout == config.DEFAULTS["graceful_timeout"]  # default
-    args = ctl.build_parser().parse_args(["start", "-c", "conf/fugue.toml"])
-    options, _ = ctl.gather_options(args)
+    args = ctlargs.build_parser().parse_args(["start", "-c", "conf/fugue.toml"])
+    options, _ = ctlargs.gather_options(args)
     assert options["bind"] == ["127.0.0.1:4000", f"unix:{here / 'conf' / 'app.sock'}"]
     assert options["umask"] == 0o027 and options["verbose"] is True
 
 
 def test_daemon_and_foreground_flags(here):
-    parse = ctl.build_parser().parse_args
-    assert ctl.gather_options(parse(["start", "--daemon", "x.py"]))[0]["daemonize"] is True
-    assert ctl.gather_options(parse(["start", "--foreground", "x.py"]))[0]["daemonize"] is False
+    parse = ctlargs.build_parser().parse_args
+    assert ctlargs.gather_options(parse(["start", "--daemon", "x.py"]))[0]["daemonize"] is True
+    assert ctlargs.gather_options(parse(["start", "--foreground", "x.py"]))[0]["daemonize"] is False
     (here / "fugue.toml").write_text("daemonize = true\n")
-    assert ctl.gather_options(parse(["start", "-c", "fugue.toml", "--foreground", "x.py"]))[0]["daemonize"] is False
-    opts = ctl.gather_options(parse(["start", "--user", "nobody", "--group", "0", "--chdir", "/", "x.py"]))[0]
+    assert ctlargs.gather_options(parse(["start", "-c", "fugue.toml", "--foreground", "x.py"]))[0]["daemonize"] is False
+    opts = ctlargs.gather_options(parse(["start", "--user", "nobody", "--group", "0", "--chdir", "/", "x.py"]))[0]
     assert (opts["uid"], opts["gid"], opts["working_path"]) == ("nobody", 0, "/")
 
 
 def test_targets_from_the_command_line(here):
-    parser = ctl.build_parser()
+    parser = ctlargs.build_parser()
 
     def target(*argv):
         argv = list(argv)
@@ -151,7 +151,7 @@ def test_targets_from_the_command_line(here):
             i = argv.index("--")
             argv, tail = argv[:i], argv[i + 1:]
         args = parser.parse_args(["start", *argv])
-        return ctl.choose_target(args, tail, {})
+        return ctlargs.choose_target(args, tail, {})
 
     assert target("-w", "2", "app.py", "-v", "x") == {"script": ["app.py", "-v", "x"]}
     assert target("app.py", "--", "--flag") == {"script": ["app.py", "--flag"]}

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import APPS, PY, ROOT, tagged_pids, wait_for
-from fugue import config, ctl
+from fugue import config, ctl, ctlargs
 from fugue.errors import ConfigError
 
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -87,7 +87,7 @@ toml_scalars = (st.booleans() | st.integers() | st.floats() | st.text(max_size=2
                 | st.sampled_from(["app.py", "fault:app", "127.0.0.1:0", "unix:/nonexistent/x.sock"]))
 toml_values = st.recursive(toml_scalars, lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.text(max_size=4), inner, max_size=2), max_leaves=5)
-toml_names = st.sampled_from(config.NAMES + list(ctl.TARGET_KEYS)) | st.text(max_size=10)
+toml_names = st.sampled_from(config.NAMES + list(ctlargs.TARGET_KEYS)) | st.text(max_size=10)
 
 
 @pytest.fixture
@@ -131,12 +131,12 @@ def test_any_bytes_as_a_config_file(here, capsys, data):
 
 
 @SETTINGS
-@given(name=st.sampled_from([n for n in config.NAMES if n not in ctl.NOT_FLAGS]),
+@given(name=st.sampled_from([n for n in config.NAMES if n not in ctlargs.NOT_FLAGS]),
        value=st.text(max_size=15) | st.sampled_from(["1e300", "99999999999999999999", "-0", "0o777", "nan"]))
 def test_any_flag_value(here, capsys, name, value):
     if value.startswith("-"):
         value = " " + value  # argparse would take it for a flag: that is argparse's error, tested elsewhere
-    check(capsys, f"{ctl.flag_of(name)}={value}")
+    check(capsys, f"{ctlargs.flag_of(name)}={value}")
 
 
 # -- real starts: an accepted value serves and stops; a refused one leaves nothing ----------------
@@ -162,7 +162,7 @@ def test_extreme_values_start_cleanly_or_leave_nothing(tmp_path, name, value):
     env.pop("INVOCATION_ID", None)
     log = open(work / "out.log", "wb")
     proc = subprocess.Popen([PY, "-m", "fugue.ctl", "start", "-w", "1", "--bind", "127.0.0.1:0",
-                             f"{ctl.flag_of(name)}={value}", "app.py"], cwd=work, env=env,
+                             f"{ctlargs.flag_of(name)}={value}", "app.py"], cwd=work, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     text = lambda: (work / "out.log").read_text(errors="replace")  # noqa: E731
     try:

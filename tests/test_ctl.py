@@ -20,7 +20,7 @@ import pytest
 
 from conftest import APPS, PY, ROOT, http_get, wait_for
 
-from fugue import ctl
+from fugue import ctl, ctlargs
 
 
 def run_ctl(args, cwd, timeout=60, env=None):
@@ -510,7 +510,7 @@ def test_systemd_units_say_what_fuguectl_does(tmp_path):
     reload = shlex.split(service["ExecReload"])
     assert start[:4] == ["/usr/local/bin/fuguectl", "start", "--foreground", "-c"]
     assert reload[:2] == ["/usr/local/bin/fuguectl", "upgrade"]
-    parser = ctl.build_parser()
+    parser = ctlargs.build_parser()
     for argv in (start, reload):  # every flag in the unit is one fuguectl knows
         args = parser.parse_args([a.replace("%i", "hello") for a in argv[1:]])
         assert args.config == "/etc/fugue/hello.toml"  # the paths are in the file, once

@@ -16,7 +16,7 @@ import yaml
 
 from conftest import ROOT
 
-from fugue import config, ctl
+from fugue import config, ctlargs
 from fugue.policy import KILL_MARGIN
 from fugue.statushttp import parse_status_bind
 
@@ -35,7 +35,7 @@ def fugue_setup(docs):
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     command = container["command"] + container.get("args", [])
-    args = ctl.build_parser().parse_args(command[1:])
+    args = ctlargs.build_parser().parse_args(command[1:])
     mount = next(m for m in container["volumeMounts"] if args.config.startswith(m["mountPath"] + "/"))
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     configmap = docs["ConfigMap"]

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from fugue import config, control, ctl
+from fugue import config, control, ctl, ctlargs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ["man/fuguectl.1", "man/fugue.5", "man/fugue.7"]
@@ -57,15 +57,15 @@ def test_every_option_is_a_key_in_fugue5():
     text = plain("man/fugue.5")
     for name in config.NAMES:
         assert re.search(rf"^{re.escape(name)} = ", text, re.M), name
-    for key in ctl.TARGET_KEYS:
+    for key in ctlargs.TARGET_KEYS:
         assert re.search(rf"^{key} = ", text, re.M), key
 
 
 def test_every_flag_and_command_is_in_fuguectl1():
     text = plain("man/fuguectl.1")
-    parser = ctl.build_parser()
+    parser = ctlargs.build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == set(ctl.COMMANDS)
+    assert set(commands) == set(ctlargs.COMMANDS)
     for name, sub in commands.items():
         assert re.search(rf"^(\.B |\.BR )?{re.escape(name)}\b", text, re.M), f"command {name}"
         for action in sub._actions:
@@ -74,16 +74,16 @@ def test_every_flag_and_command_is_in_fuguectl1():
                     continue
                 assert re.search(rf"(^|[\s,\[]){re.escape(flag)}\b", text), f"{name} {flag}"
     for name in config.NAMES:
-        if name not in ctl.NOT_FLAGS:
-            assert ctl.flag_of(name) in text, name
+        if name not in ctlargs.NOT_FLAGS:
+            assert ctlargs.flag_of(name) in text, name
             if config.KINDS[name] == "bool":
-                assert "--no-" + ctl.flag_of(name)[2:] in text, name
+                assert "--no-" + ctlargs.flag_of(name)[2:] in text, name
 
 
 def test_every_control_command_of_the_master_is_reachable_and_documented():
     text = plain("man/fuguectl.1")
     for cmd in control.COMMANDS:
-        assert cmd in ctl.COMMANDS, cmd
+        assert cmd in ctlargs.COMMANDS, cmd
         assert re.search(rf"^(\.B |\.BR |\.TP\n)?{re.escape(cmd)}\b", text, re.M), cmd
 
 
@@ -113,5 +113,5 @@ def test_the_synopsis_names_every_command():
     text = plain("man/fuguectl.1")
     synopsis = text.split(".SH SYNOPSIS", 1)[1].split(".SH ", 1)[0]
     words = set(re.findall(r"[\w-]+", synopsis))
-    for cmd in ctl.COMMANDS:
+    for cmd in ctlargs.COMMANDS:
         assert cmd in words, f"fuguectl {cmd} missing from the SYNOPSIS of fuguectl(1)"
