@@ -54,13 +54,14 @@ OS), never in a cycle; tests/test_imports.py holds the code to this map.
       routecontrol  the router's control commands
       router      routed mode: sniffing and routing connections to apps' inboxes
       keeper      the stable parent under systemd and as PID 1; the master is its child
-  tier entry points:  run routed ctl ctlargs ctlcheck worker mold _boot _appboot _mold fugue
+  tier entry points:  run routed ctl ctlargs ctlcheck apprun worker mold _boot _appboot _mold fugue
       run         starting a master: checks, bind or take over, daemonize, run
       routed      starting a router, and python -m fugue.router's commands
       ctl         fuguectl: main, start, the control commands; it never imports master
       ctlargs     fuguectl's flags (gunicorn's/uvicorn's aliases), config file and target
       ctlcheck    fuguectl check: the checks start makes before binding
-      worker      a worker process: listeners, privileges, the adapter, the channel
+      worker      a worker process: listeners, privileges, the channel, drain, recycling
+      apprun      a worker running its app: target, startup check, adapter, exit status
       mold        preload: the interpreter of a generation that imports the app and
                   forks its workers (its master side is molds)
       _boot       python -m fugue._boot: a worker's entry point
@@ -206,7 +207,7 @@ def start(server, port=None, host=None, workers=None, options=None):
     """
     rt = _in_worker()
     if rt is not None:
-        from .worker import serve
+        from .apprun import serve
 
         local = options if isinstance(options, dict) else (workers if isinstance(workers, dict) else None)
         rt.script_options = _reported_options(*_unix_args(port, host, workers, options))

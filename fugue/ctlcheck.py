@@ -20,7 +20,7 @@ from .errors import ConfigError, FugueError
 
 _APP_CHECK = """
 import json, sys
-from fugue.worker import describe_exception, resolve
+from fugue.apprun import describe_exception, resolve
 try:
     obj = resolve(sys.argv[1])
 except BaseException as e:

@@ -1,7 +1,7 @@
 """Preload, the mold's side: the interpreter that imports the app once and forks its workers.
 
 Who calls it: `python -m fugue._mold` (exec'd by the master, see fugue.molds)
-runs `main()`; `worker.serve` in the mold calls `MoldRuntime.fork_workers`.
+runs `main()`; `apprun.serve` in the mold calls `MoldRuntime.fork_workers`.
 
 The mold is exec'd fresh, as a worker is, with privileges dropped and the chdir
 done between fork and exec, so a reload still runs the code now on disk and no
@@ -54,7 +54,7 @@ class MoldRuntime:
     worker_id = 0
 
     def fork_workers(self, target, local_options):
-        """worker.serve in the mold (the worker never imports the mold): see fork_workers."""
+        """apprun.serve in the mold (the worker never imports the mold): see fork_workers."""
         fork_workers(self, target, local_options)
 
     def __init__(self, channel, hello):
@@ -174,7 +174,8 @@ def fork_workers(rt, target, local_options):
     Returns only in a forked worker, with worker.current set to its own runtime.
     The mold itself leaves through WorkerExit (0 when retired, 1 on failure).
     """
-    from .worker import APP_OWNED, WorkerExit, run_startup_check
+    from .apprun import APP_OWNED, run_startup_check
+    from .worker import WorkerExit
 
     opts = dict(rt.options)
     opts.update({k: v for k, v in (local_options or {}).items() if k in APP_OWNED})
@@ -337,7 +338,7 @@ def _become_forked_worker(rt, fd):
 def main():
     """`python -m fugue._mold`: the mold of one generation (exec'd by the master)."""
     gc.disable()  # before the import: see fork_workers
-    from . import worker
+    from . import apprun, worker
 
     fd = int(os.environ.pop(workers.ENV_CHANNEL))
     target = json.loads(os.environ.pop(workers.ENV_TARGET, "{}"))
@@ -348,7 +349,7 @@ def main():
     worker.set_title(f"fugue mold {rt.name or ''} generation {rt.generation}".replace("  ", " "))
     for sig in IGNORED:
         signal.signal(sig, signal.SIG_IGN)
-    worker.run_target(rt, target)
+    apprun.run_target(rt, target)
 
 
 def _setup_logging(rt):

@@ -77,7 +77,7 @@ def load_hook(spec):
     """The `route` option as a callable (host, sni, peer) -> app name; ConfigError if it cannot be."""
     if spec is None or callable(spec):
         return spec
-    from .worker import resolve  # the worker's way of loading module:attr (imports the hook's module)
+    from .apprun import resolve  # the worker's way of loading module:attr (imports the hook's module)
 
     try:
         fn = resolve(spec)

@@ -1,8 +1,9 @@
-"""Inside a worker: receive the listeners, load the app, run its adapter.
+"""Inside a worker: receive the listeners, become the worker (Runtime: the channel,
+signals, drain, recycling, stats); loading and running the app is fugue.apprun.
 
-Who calls it: `python -m fugue._boot` (exec'd by the master) calls `main()`;
-with preload, a worker forked from its generation's mold (fugue.mold) goes on
-from `serve` after `attach` and `become_worker`.
+Who calls it: `python -m fugue._boot` (exec'd by the master) runs apprun.main(),
+which calls `attach` and `become_worker`; with preload, a worker forked from its
+generation's mold (fugue.mold) calls them too and goes on in apprun.serve.
 It has already dropped privileges and chdir'd (done between fork and exec), so
 no application code ever runs as root. The channel to the master is a
 SOCK_SEQPACKET socket: HELLO (with the listeners) arrives first, then STOP,
@@ -11,29 +12,20 @@ REOPEN, STATS, CONN. EOF on it means the master is gone: drain and exit.
 
 import errno
 import itertools
-import json
 import logging
 import os
-import runpy
 import select
 import signal
 import socket
 import sys
 import threading
 import time
-import traceback
 
 from . import protocol
 from .adapters.base import Stats, WorkerContext, describe_exception  # noqa: F401 - ctl imports it here
 from .fds import recv_with_fds
-from .workers import ENV_CHANNEL, ENV_TARGET
 
 log = logging.getLogger("fugue")
-
-# Options the worker takes from the app's own fugue.start call (the new code), not the master.
-APP_OWNED = ("wait_ready", "startup_check", "adapter")
-# Adapters that run the `warmup` requests (an http.server handler under socketserver/handler).
-HTTP_KINDS = ("wsgi", "asgi", "socketserver", "handler")
 
 # The one runtime of this process, or None in the master and outside fugue.
 current = None
@@ -410,55 +402,6 @@ def _open_access_log(rt):
     rt.access = access
 
 
-def resolve(spec):
-    """'module:attr.sub' -> the object."""
-    import importlib
-
-    module, _, attr = spec.partition(":")
-    obj = importlib.import_module(module)
-    for part in attr.split(".") if attr else []:
-        obj = getattr(obj, part)
-    return obj
-
-
-def serve(target, local_options=None):
-    """Run `target` in this worker until it is stopped. Called by fugue.start in a worker.
-
-    In a preload mold (fugue.mold) the first half runs once in the mold, which then
-    forks the workers; each forked worker returns from `fork_workers` and goes on here.
-    """
-    rt = current
-    checked = False
-    if getattr(rt, "is_mold", False):
-        rt.fork_workers(target, local_options)  # mold.MoldRuntime: returns only in a forked worker
-        rt, checked = current, True
-    opts = dict(rt.options)
-    # What the new code says about itself wins: it is what is being deployed.
-    local = {k: v for k, v in (local_options or {}).items() if k in APP_OWNED or callable(v)}
-    opts.update(local)
-    if "wait_ready" in local:  # an early fugue.ready() counts; wait_ready=False in the new code too
-        rt._app_ready = rt._ready_called or not local["wait_ready"]
-    if not checked:
-        run_startup_check(rt, opts.get("startup_check"))
-    rt.run_after_fork()
-    from .adapters import pick
-
-    try:
-        adapter = pick(target, opts)
-    except Exception as e:  # noqa: BLE001
-        rt.fail(str(e))
-    rt.adapter = adapter
-    if opts.get("warmup") and adapter.kind not in HTTP_KINDS:
-        log.warning("warmup skipped: the %s adapter does not speak HTTP", adapter.kind)
-    try:
-        adapter.run(rt)
-    except Exception as e:  # noqa: BLE001 - the server library failed: the master's line says why
-        log.exception("the %s adapter failed", adapter.kind)
-        rt._send(protocol.FAILED, reason=f"the {adapter.kind} adapter failed: {describe_exception(e)}")
-        raise WorkerExit(1) from None
-    raise WorkerExit(0)
-
-
 def _router_gone():
     # EOF on an inbox: the router is gone and nothing will arrive again. The inbox
     # stays readable at EOF, so an adapter would spin on it: drain the worker as if
@@ -466,17 +409,6 @@ def _router_gone():
     rt = current
     if rt is not None and not rt.draining:
         rt._stop("graceful", "the router closed the inbox")
-
-
-def run_startup_check(rt, check):
-    """The startup_check option: in each exec'd worker, or once in a preload mold."""
-    if not check:
-        return
-    try:
-        fn = resolve(check) if isinstance(check, str) else check
-        fn()
-    except Exception as e:  # noqa: BLE001 - any failure of the check fails the worker
-        rt.fail(f"startup_check failed: {describe_exception(e)}")
 
 
 def attach(fd):
@@ -519,61 +451,3 @@ def set_title(title):
         setproctitle.setproctitle(title)
     except ImportError:
         pass
-
-
-def run_target(rt, target):
-    """Import and run the app named by `target` (app, script or module); never returns.
-
-    A failure before the app serves is one line on the channel (rt.fail) and exit 1.
-    """
-    status = 0
-    try:
-        if not rt.is_mold:  # a forked worker opens its own after the fork (fugue.mold)
-            _open_access_log(rt)
-        if "app" in target:
-            try:
-                obj = resolve(target["app"])
-            except Exception as e:  # noqa: BLE001 - the reason goes to the master
-                current.fail(describe_exception(e))
-            serve(obj)
-        elif "script" in target:
-            sys.argv = list(target.get("argv") or [target["script"]])
-            sys.path.insert(0, os.path.dirname(target["script"]))
-            try:
-                runpy.run_path(target["script"], run_name="__main__")
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as e:  # noqa: BLE001 - SyntaxError, ImportError, anything
-                traceback.print_exc()
-                current.fail(describe_exception(e))
-            current.fail("the script returned without calling fugue.start()")
-        elif "module" in target:
-            sys.argv = [target["module"]] + list(target.get("argv") or [])[1:]
-            try:
-                runpy.run_module(target["module"], run_name="__main__", alter_sys=True)
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as e:  # noqa: BLE001
-                traceback.print_exc()
-                current.fail(describe_exception(e))
-            current.fail(f"module {target['module']} returned without calling fugue.start()")
-        else:
-            current.fail(f"unknown worker target {target!r}")
-    except WorkerExit as e:
-        status = e.code
-    except SystemExit as e:
-        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        # current, not rt: in a worker forked from a mold, current is the worker's runtime.
-        if not current._ready_sent and status:
-            current._send(protocol.FAILED, reason=f"the app exited with status {status} before it was ready")
-    finally:
-        sys.stdout.flush() if sys.stdout else None
-        sys.stderr.flush() if sys.stderr else None
-    os._exit(status or 0)
-
-
-def main():
-    fd = int(os.environ.pop(ENV_CHANNEL))
-    target = json.loads(os.environ.pop(ENV_TARGET, "{}"))
-    rt = become_worker(*attach(fd))
-    run_target(rt, target)
