@@ -17,7 +17,7 @@ import re
 import sys
 
 from . import __version__, config
-from .errors import ConfigError
+from .errors import ConfigError, one_line, shown
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -124,7 +124,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse refusing in one line, as every other bad input (the usage stays in --help)."""
 
     def error(self, message):
-        self.exit(EXIT_USAGE, f"fugue: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"fugue: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def _did_you_mean(parser, words):
@@ -143,7 +143,7 @@ def _parse(parser, argv, commands=None):
     args, extra = parser.parse_known_args(argv)
     if extra:
         own = (commands or {}).get(getattr(args, "command", None), parser)
-        own.error(f"unrecognized arguments: {' '.join(extra)}{_did_you_mean(own, extra)}")
+        own.error(f"unrecognized arguments: {' '.join(map(shown, extra))}{_did_you_mean(own, extra)}")
     return args
 
 
@@ -316,10 +316,8 @@ def gather_options(args):
         value = getattr(args, name, None)
         if value is None or name in NOT_FLAGS:
             continue
-        shown = " ".join(value) if isinstance(value, list) else value
-        if isinstance(shown, str) and not shown.isprintable():
-            shown = repr(shown)  # a newline must not split the error
-        flag_options[name] = check_value(name, value, f"{flag_of(name)} {shown}")
+        text = shown(" ".join(value) if isinstance(value, list) else value)  # a newline must not split the error
+        flag_options[name] = check_value(name, value, f"{flag_of(name)} {text}")
     return config.merge(file_options, flag_options), file_target
 
 

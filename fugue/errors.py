@@ -6,6 +6,16 @@ router log it, or send it as the control reply.
 """
 
 
+def one_line(message):
+    """`message` as one line, whatever a value in it holds (a path with a newline, say): \\n, \\x1b, ..."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(message))
+
+
+def shown(value):
+    """A value for a message: as it is if printable, else quoted the way repr quotes it ('a\\nb')."""
+    return value if isinstance(value, str) and value.isprintable() else repr(value)
+
+
 class FugueError(Exception):
     """A problem the user can fix (bad option, port in use, no master running).
 
@@ -14,9 +24,7 @@ class FugueError(Exception):
     """
 
     def __init__(self, message, status=1):
-        # One line, whatever a value in it holds (a path with a newline, say): \n, \x1b, ...
-        super().__init__("".join(c if c.isprintable() else c.encode("unicode_escape").decode()
-                                 for c in str(message)))
+        super().__init__(one_line(message))
         self.status = status
 
 

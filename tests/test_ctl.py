@@ -298,6 +298,12 @@ def test_control_commands_take_the_pid_file_as_start_does(in_workdir, capsys):
      "(see fuguectl start --help)"),
     (["check", "--warmup"], "fugue: argument --warmup: expected one argument (see fuguectl check --help)"),
     (["scale"], "fugue: the following arguments are required: N|+N|-N (see fuguectl scale --help)"),
+    # a value holding a newline is shown quoted, as flag values are: the refusal stays one line
+    (["drain", "--x\ny"], "fugue: unrecognized arguments: '--x\\ny' (see fuguectl drain --help)"),
+    (["check", "--app", "a:b", "--pid-file", "p", "--x\ny=1"],
+     "fugue: unrecognized arguments: '--x\\ny=1' (see fuguectl check --help)"),
+    (["watch", "o\nn"], "fugue: argument state: invalid choice: 'o\\nn' (choose from 'on', 'off') "
+     "(see fuguectl watch --help)"),
 ])
 def test_argparse_refusals_are_one_line(in_workdir, capsys, args, line):
     # argparse's own refusals printed the whole usage first (25 lines for start)
