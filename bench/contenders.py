@@ -52,7 +52,7 @@ def _copy_apps(app_dir: Path) -> None:
         shutil.copyfile(source, app_dir / source.name)
 
 
-def _cmdline(pid: int) -> str:
+def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
@@ -269,7 +269,7 @@ class FugueServer(_Proc):
 
     def worker_pids(self, master: Optional[int] = None) -> set:
         return {pid for pid in proctree.children(master or self.master)
-                if re.search(r"fugue worker|fugue\._boot", _cmdline(pid))}
+                if re.search(r"fugue worker|fugue\._boot", cmdline(pid))}
 
     def ready_pids(self) -> set:
         return {int(p) for p in re.findall(self.READY_RE, self.log_text())}

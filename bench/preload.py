@@ -86,17 +86,9 @@ def pss_kib(pid: int) -> int:
         return 0
 
 
-def title(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
 def memory(server) -> dict:
     """PSS (MiB) of the master, the mold (fugue --preload), the workers and all of them."""
-    procs = {pid: title(pid) for pid in contenders.descendants(server.master)}
+    procs = {pid: contenders.cmdline(pid) for pid in contenders.descendants(server.master)}
     molds = [pid for pid, t in procs.items() if "fugue mold" in t]
     workers = [pid for pid in procs if pid not in molds]
     master = pss_kib(server.master)

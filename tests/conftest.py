@@ -198,6 +198,15 @@ def _read(path):
         return None
 
 
+def record_lines(path):
+    """The words of each line an app recorded in `path` (one line per event); [] before the first."""
+    try:
+        with open(path) as f:
+            return [line.split() for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
 @pytest.fixture
 def workdir(tmp_path):
     """A world-readable work directory with the test apps copied in."""

@@ -6,15 +6,8 @@ import re
 import socket
 import threading
 
+from conftest import record_lines
 from fugue import mold
-
-
-def lines(path):
-    try:
-        with open(path) as f:
-            return [line.split() for line in f if line.strip()]
-    except FileNotFoundError:
-        return []
 
 
 def test_after_fork_runs_once_in_each_execd_worker(fugue_proc, workdir):
@@ -25,7 +18,7 @@ def test_after_fork_runs_once_in_each_execd_worker(fugue_proc, workdir):
         seen[a["pid"]] = a
     for a in seen.values():
         assert a["import_pid"] == a["pid"] and a["hooked"] == [a["worker"]]
-    hooked = lines(workdir / "after_fork.log")
+    hooked = record_lines(workdir / "after_fork.log")
     assert sorted(int(w) for _, w, _ in hooked) == [1, 2] and len({pid for pid, _, _ in hooked}) == 2
 
 

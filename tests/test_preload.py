@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SYSTEM_PYTHON, wait_for
+from conftest import ROOT, SYSTEM_PYTHON, record_lines, wait_for
 
 PRELOAD = json.dumps({"preload": True})
 
@@ -31,14 +31,6 @@ def mold_pid(p, generation):
     return int(p.wait_log(rf"started mold \(pid (\d+), generation {generation}\)").group(1))
 
 
-def lines(path):
-    try:
-        with open(path) as f:
-            return [line.split() for line in f if line.strip()]
-    except FileNotFoundError:
-        return []
-
-
 def test_workers_are_forked_from_the_mold_and_stay_the_masters(fugue_proc, workdir):
     p = fugue_proc(["preload_app.py", "0", "3", PRELOAD]).started()
     master = p.master_pid()
@@ -52,9 +44,9 @@ def test_workers_are_forked_from_the_mold_and_stay_the_masters(fugue_proc, workd
         assert a["ppid"] == master              # the master's child: it reaps and signals it
         with open(f"/proc/{pid}/stat") as f:
             assert int(f.read().rpartition(")")[2].split()[2]) == pid  # its own process group
-    assert len(lines(workdir / "imports.log")) == 1
+    assert len(record_lines(workdir / "imports.log")) == 1
     # after_fork: once in each worker, none in the mold, with the worker's id.
-    hooked = lines(workdir / "after_fork.log")
+    hooked = record_lines(workdir / "after_fork.log")
     assert sorted(int(w) for _, w, _ in hooked) == [1, 2, 3]
     assert len({pid for pid, _, _ in hooked}) == 3 and str(mold) not in {pid for pid, _, _ in hooked}
     assert all(a["hooked"] == [a["worker"]] for a in seen.values())
@@ -127,8 +119,8 @@ def test_crashed_worker_is_forked_again_from_the_mold(fugue_proc, workdir):
     again = answer(p)
     assert again["pid"] != first["pid"]
     assert again["import_pid"] == mold and again["ppid"] == p.master_pid()
-    assert len(lines(workdir / "imports.log")) == 1          # no new import
-    assert len(lines(workdir / "after_fork.log")) == 2       # the hook ran in the new worker
+    assert len(record_lines(workdir / "imports.log")) == 1          # no new import
+    assert len(record_lines(workdir / "after_fork.log")) == 2       # the hook ran in the new worker
     # SIGKILL too: the master sees the status, and the slot is forked again.
     os.kill(again["pid"], signal.SIGKILL)
     p.wait_log(r"worker 1 \(pid \d+, generation 1\) exited|killed by SIGKILL")
@@ -162,7 +154,7 @@ def test_unsafe_at_import_falls_back_to_exec(fugue_proc, workdir, hazard, named)
     assert re.search(named, line), line
     got = answers(p)
     assert all(a["import_pid"] == a["pid"] for a in got)  # each imported the app itself
-    assert sorted(int(w) for _, w, _ in lines(workdir / "after_fork.log")) == [1, 2]
+    assert sorted(int(w) for _, w, _ in record_lines(workdir / "after_fork.log")) == [1, 2]
     # Fixed code (nothing unsafe at import) is forked again on the next reload.
     (workdir / "preload.json").write_text("{}")
     p.signal(signal.SIGHUP)
@@ -187,7 +179,7 @@ def test_workers_as_nobody_never_run_app_code_as_root(fugue_proc, world_dir):
     assert set(uids) == {"65534"}  # real, effective, saved, filesystem
     for a in answers(p):
         assert a["import_euid"] == a["euid"] == 65534 and a["import_pid"] == mold
-    assert {euid for _, _, euid in lines(os.path.join(work, "after_fork.log"))} == {"65534"}
+    assert {euid for _, _, euid in record_lines(os.path.join(work, "after_fork.log"))} == {"65534"}
 
 
 def test_usr2_new_master_forks_from_its_own_mold(fugue_proc, workdir):
@@ -276,7 +268,7 @@ def test_rolling_reload_and_max_requests_fork_from_the_mold(fugue_proc, workdir)
     for _ in range(12):  # each worker recycles after 3 requests; its slot is forked again
         assert answer(p)["import_pid"] == mold
     p.wait_log(r"is recycling itself \(served 3 requests, max_requests 3\)")
-    assert len(lines(workdir / "imports.log")) == 1
+    assert len(record_lines(workdir / "imports.log")) == 1
     (workdir / "preload_lib.py").write_text('VERSION = "v2"\n')
     p.signal(signal.SIGHUP)
     p.wait_log(r"reload done: generation 2 serving")
