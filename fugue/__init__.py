@@ -36,7 +36,7 @@ OS), never in a cycle; tests/test_imports.py holds the code to this map.
       workers     fork + exec of a worker: identity, environment, fork_quietly, reap
       statushttp  the management HTTP listener (status_bind)
       apps        routed mode's configuration (apps.toml)
-      system      the OS seam of the state machines: spawn, kill, clock, notify, reap
+      system      the OS seam of the state machines: spawn, kill, clock, notify, reap, subreaper
       limits      RLIMIT_NOFILE checked at start; a refused spawn described with its limit
       leftovers   what an exited worker left in its process group (TERM, KILL); listener holders
   tier machines:    status control shell molds pool rollout upgrade appmasters

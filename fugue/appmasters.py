@@ -130,7 +130,9 @@ class AppMasters:
 
         def prepare():  # in the child, before exec
             os.set_inheritable(fd, True)
-            _die_with_parent()
+            # If the router dies, its apps stop (their inboxes would never receive again)
+            # instead of running on unseen.
+            self.system.die_with_parent(signal.SIGTERM)
 
         app.pid = self.system.spawn(argv, env, self.cfg.start_dir, self.loop, prepare)
         app.state = "starting"
@@ -341,21 +343,10 @@ class AppMasters:
         return min((d for d, _ in self.asks.values()), default=None)
 
 
-def _prctl(option, arg):
-    import ctypes  # only routed mode needs prctl: not loaded by every master
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.prctl(option, arg, 0, 0, 0) == 0
-
-
-def become_subreaper():
+def become_subreaper(system=SYSTEM):
     # An app master upgraded by USR2 is the child of the old one; when the old
     # one exits, the new one must become ours to reap, not init's.
-    if not _prctl(36, 1):  # PR_SET_CHILD_SUBREAPER
-        log.warning("cannot become a child subreaper; an app master upgraded by USR2 will not be reaped")
-
-
-def _die_with_parent():
-    # In an app master's child before exec: if the router dies, its apps stop
-    # (their inboxes would never receive again) instead of running on unseen.
-    _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    why = system.become_subreaper()
+    if why:
+        log.warning("cannot become a child subreaper (%s); an app master upgraded by USR2 will not be reaped",
+                    why)

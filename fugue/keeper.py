@@ -46,6 +46,7 @@ from .fds import bind_unix_path, close_listeners
 from .loop import Loop
 from .protocol import ENV_UPGRADE_SOCK
 from .shell import make_run_dir
+from .system import SYSTEM
 from .workers import _place_listen_fds, child_signals, describe_status, fork_quietly, reaped
 
 log = logging.getLogger("fugue")
@@ -54,7 +55,6 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signa
              signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH)
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 KEPT_ENV = "FUGUE_KEPT"  # set in the masters a keeper starts: they never keep again
-PR_SET_CHILD_SUBREAPER = 36
 
 
 def wanted(cfg, upgrading):
@@ -111,7 +111,9 @@ class Keeper:
         from . import daemon
 
         daemon.setup_logging(self.cfg.verbose, self.cfg.log_level, self.cfg.log_format, role="keeper")
-        _become_subreaper()
+        why = SYSTEM.become_subreaper()
+        if why:
+            log.warning("cannot become a child subreaper (%s): orphans of a master will not be reaped here", why)
         notify.claim()  # systemd's socket is ours; the masters get the keeper's
         # A run directory as a master's (tmp_path/fugue-PID, 0700, made safely; swept the
         # same way when a killed keeper left it behind).
@@ -314,15 +316,6 @@ class Keeper:
             self.stopping = "master"
             self._close_listeners()
         notify.send(*out)
-
-
-def _become_subreaper():
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _alive(pid):

@@ -35,6 +35,7 @@ import time
 from . import protocol, workers
 from .errors import FugueError
 from .fds import read_messages, send_with_fds
+from .system import SYSTEM
 
 log = logging.getLogger("fugue")
 
@@ -353,13 +354,9 @@ class Molds:
 def become_subreaper():
     """PR_SET_CHILD_SUBREAPER on this process (the master): workers forked by a mold become
     its children when their middle parent exits. FugueError if the kernel refuses."""
-    import ctypes
-
-    PR_SET_CHILD_SUBREAPER = 36
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise FugueError(f"preload needs PR_SET_CHILD_SUBREAPER (Linux 3.4+): {os.strerror(err)}")
+    why = SYSTEM.become_subreaper()
+    if why:
+        raise FugueError(f"preload needs PR_SET_CHILD_SUBREAPER (Linux 3.4+): {why}")
 
 
 def start_mold(generation, target, name, options, identity, working_path, log_fd, loop, now, listeners=()):

@@ -120,7 +120,7 @@ class Router(Shell):
         """Run directory, pid file, control socket (fugue.shell); then the listeners."""
         self.setup_shell(f"fugue master router {os.path.basename(self.rc.path)}")
         self.masters.run_dir = self.run_dir
-        become_subreaper()
+        become_subreaper(self.system)
         for lst in self.listeners:
             lst.sock.setblocking(False)
             self.loop.add_reader(lst.sock, lambda lst=lst: self.on_accept(lst))
