@@ -39,7 +39,7 @@ OS), never in a cycle; tests/test_imports.py holds the code to this map.
       system      the OS seam of the state machines: spawn, kill, clock, notify, reap, subreaper
       limits      RLIMIT_NOFILE checked at start; a refused spawn described with its limit
       leftovers   what an exited worker left in its process group (TERM, KILL); listener holders
-  tier machines:    status control shell molds pool rollout upgrade appmasters
+  tier machines:    status control shell molds pool rollout upgrade appmasters sniffing
       status      the status of a master and its workers, as data
       control     the control socket, and fuguectl's client side of it
       shell       what the master and the router share: loop pass, run directory,
@@ -49,6 +49,7 @@ OS), never in a cycle; tests/test_imports.py holds the code to this map.
       rollout     a generation's life: begin, promote, rollback; queued asks; the watch trigger
       upgrade     USR2, both sides: the handoff, step down, take over, failure report
       appmasters  the router's supervision of each app's master
+      sniffing    the router's connections until they name their host: peek, deadlines, refuse
   tier processes:   master routecontrol router keeper
       master      the master: the wiring between pool, rollout and upgrade
       routecontrol  the router's control commands

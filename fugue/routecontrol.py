@@ -142,7 +142,7 @@ class RouterControl(ControlServer):
             "pid": os.getpid(), "uptime": round(r.system.monotonic() - r.started, 3),
             "config": r.rc.path, "stopping": r.stopping,
             "listeners": [lst.describe() for lst in r.listeners],
-            "sniffing": sum(1 for c in r.conns.values() if c.state == "sniff"),
+            "sniffing": sum(1 for c in r.sniff.conns.values() if c.state == "sniff"),
             "counters": dict(r.counters),
-            "sniff_timeout": r.sniff_timeout, "default_app": r.default_app,
+            "sniff_timeout": r.sniff.timeout, "default_app": r.default_app,
         }

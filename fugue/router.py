@@ -15,7 +15,7 @@ Processes:
      └── master of app B ...
 
 The router accepts each connection, peeks at its first bytes (MSG_PEEK: it
-never consumes one) until `fugue.sniff` names the host, and sends the
+never consumes one: fugue.sniffing) until `fugue.sniff` names the host, and sends the
 connection itself over the app's inbox (SCM_RIGHTS) to whichever of that
 app's workers reads it first. The worker talks to the client directly: its
 real address, no extra hop for the bytes, and a keep-alive connection stays
@@ -35,7 +35,6 @@ router, a subreaper).
 
 import collections
 import errno
-import heapq
 import logging
 import os
 import signal
@@ -49,7 +48,8 @@ from .fds import close_listeners
 from .inbox import send_connection, take_back
 from .routecontrol import RouterControl
 from .shell import Shell
-from .sniff import NEED_MORE, HostTable, SniffError, sniff
+from .sniff import HostTable
+from .sniffing import Conn, Sniffing
 from .system import SYSTEM
 from .workers import describe_status
 
@@ -60,27 +60,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGHUP, signal.
 ACCEPT_BATCH = 64          # accepts per wakeup, so one busy listener cannot starve the rest
 ACCEPT_PAUSE = 0.1         # out of descriptors, nothing to shed: stop accepting this long, not spin
 SHORTAGE_REPORT = 10.0     # at most one log line per this many seconds about shortages
-LINGER = 2.0               # seconds to read what a refused client still sends before closing
-REPEEK = 0.02              # re-peek interval where poll ignores SO_RCVLOWAT (Unix listeners)
 BACKLOG_RETRY = 0.005      # an app's inbox was full: try again this soon
 _MISS = object()
-_REASONS = {400: "Bad Request", 421: "Misdirected Request", 503: "Service Unavailable"}
-
-
-class Conn:
-    """A connection being sniffed (state "sniff") or refused and lingering ("linger")."""
-
-    __slots__ = ("sock", "peer", "tcp", "deadline", "seen", "lowat", "watched", "state")
-
-    def __init__(self, sock, peer, tcp, deadline):
-        self.sock = sock
-        self.peer = peer
-        self.tcp = tcp
-        self.deadline = deadline
-        self.seen = -1          # bytes peeked last time
-        self.lowat = False      # SO_RCVLOWAT raised
-        self.watched = False    # a reader in the loop
-        self.state = "sniff"
 
 
 class Router(Shell):
@@ -98,19 +79,15 @@ class Router(Shell):
         self.apps = self.masters.apps      # name -> appmasters.App
         self.table = rc.host_table()
         self.lookup = {}
-        self.sniff_timeout = rc.router["sniff_timeout"]
-        self.max_bytes = rc.router["sniff_max_bytes"]
         self.max_sniffing = rc.router["sniff_max_conns"]
         self.default_app = rc.router["default_app"]
         self.hook = hook                   # the route option, loaded: (host, sni, peer) -> app name
-        self.conns = {}                    # fd -> Conn (sniffing or lingering)
-        self.sniffing = {}                 # fd -> Conn still naming its host, oldest first
         self.accept_paused_until = None    # out of descriptors: accepting resumes then
         self.shortage = {"accept": 0, "overflow": 0, "said": float("-inf")}  # since the last report
-        self.timers = []                   # heap of (deadline, seq, Conn)
-        self.repeek = []                   # Conns to peek again (no SO_RCVLOWAT there)
-        self.seq = 0
         self.counters = collections.Counter()
+        # connections naming their host, or refused and lingering (fugue.sniffing)
+        self.sniff = Sniffing(self.loop, system, self.counters, rc.router["sniff_timeout"],
+                              rc.router["sniff_max_bytes"], on_named=self.route)
         self.ready = False
         self.started = system.monotonic()
 
@@ -135,15 +112,7 @@ class Router(Shell):
         """Expire what is due; returns the next deadline."""
         now = self.system.monotonic()
         self.resume_accepting(now)
-        while self.timers and self.timers[0][0] <= now:
-            deadline, _, conn = heapq.heappop(self.timers)
-            if conn.state != "done" and conn.deadline == deadline:
-                self.expire(conn)
-        if self.repeek:
-            due, self.repeek = self.repeek, []
-            for conn in due:
-                if conn.state == "sniff":
-                    self.peek(conn)
+        self.sniff.step(now)
         for app in self.masters:
             if app.down_since is not None and not app.turned_away and app.removing is None:
                 if now >= app.down_since + app.ready_timeout():
@@ -158,15 +127,15 @@ class Router(Shell):
                       if app.down_since is not None and not app.turned_away and app.removing is None]
         if self.stopping == "graceful":
             self.stop_apps_when_idle()
-        deadlines.append(self.timers[0][0] if self.timers else None)
+        deadlines.append(self.sniff.deadline(now))
         deadlines.append(self.accept_paused_until)
-        if self.repeek or any(app.backlog for app in self.masters):
-            deadlines.append(now + (REPEEK if self.repeek else BACKLOG_RETRY))
+        if any(app.backlog for app in self.masters):
+            deadlines.append(now + BACKLOG_RETRY)
         deadlines.append(self.control.deadline() if self.control is not None else None)
         return min((d for d in deadlines if d is not None), default=None)
 
     def finished(self):
-        return self.stopping is not None and not self.masters.running() and not self.conns
+        return self.stopping is not None and not self.masters.running() and not self.sniff.conns
 
     def reap(self):
         for pid, status in self.system.reaped():
@@ -177,12 +146,12 @@ class Router(Shell):
 
     def on_accept(self, lst):
         for _ in range(ACCEPT_BATCH):
-            if len(self.sniffing) >= self.max_sniffing:
+            if len(self.sniff.sniffing) >= self.max_sniffing:
                 # Slowloris: connections that never name their host would hold every
                 # descriptor. The oldest goes: a real client names its host at once.
                 self.counters["sniff_overflow"] += 1
                 self.shortage["overflow"] += 1
-                self.close(next(iter(self.sniffing.values())))
+                self.sniff.close(next(iter(self.sniff.sniffing.values())))
                 self.report_shortage()
             try:
                 sock, peer = lst.sock.accept()
@@ -199,8 +168,8 @@ class Router(Shell):
             self.counters["accepted"] += 1
             # The socket stays blocking (the worker gets it as accept() would give it):
             # the router only ever uses MSG_DONTWAIT on it.
-            conn = Conn(sock, peer, sock.family != socket.AF_UNIX, self.system.monotonic() + self.sniff_timeout)
-            self.peek(conn)
+            conn = Conn(sock, peer, sock.family != socket.AF_UNIX, self.sniff.deadline_of_new())
+            self.sniff.peek(conn)
 
     def shed_for_descriptors(self, e):
         """Out of descriptors: close the oldest connection still naming its host and return
@@ -211,9 +180,9 @@ class Router(Shell):
         self.shortage["accept"] += 1
         self.shortage["why"] = e.strerror
         self.report_shortage()
-        if self.sniffing:
+        if self.sniff.sniffing:
             self.counters["sniff_overflow"] += 1
-            self.close(next(iter(self.sniffing.values())))
+            self.sniff.close(next(iter(self.sniff.sniffing.values())))
             return True
         if self.accept_paused_until is None:
             for lst in self.listeners:
@@ -236,64 +205,11 @@ class Router(Shell):
             log.warning("descriptor shortage: accept failed %d time(s) (%s); the oldest connection still "
                         "naming its host closed each time, or accepting paused %gs; %d sniffing now "
                         "(sniff_max_conns %d)", sh["accept"], sh.get("why"), ACCEPT_PAUSE,
-                        len(self.sniffing), self.max_sniffing)
+                        len(self.sniff.sniffing), self.max_sniffing)
         if sh["overflow"]:
             log.warning("sniff_max_conns (%d) reached: closed the oldest connection still naming its host "
                         "%d time(s)", self.max_sniffing, sh["overflow"])
         sh.update(accept=0, overflow=0, said=now)
-
-    def peek(self, conn):
-        try:
-            data = conn.sock.recv(self.max_bytes, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            data = None
-        except OSError:
-            self.counters["reset"] += 1
-            self.close(conn)
-            return
-        if data == b"":
-            self.counters["closed_early"] += 1
-            self.close(conn)
-            return
-        if data is not None and len(data) == conn.seen and conn.lowat:
-            # Woken with nothing new although SO_RCVLOWAT asked for more: a FIN.
-            self.counters["closed_early"] += 1
-            self.close(conn)
-            return
-        result = NEED_MORE
-        if data is not None and len(data) != conn.seen:
-            try:
-                result = sniff(data, self.max_bytes)
-            except SniffError as e:
-                self.counters["too_big" if len(data) >= self.max_bytes else "bad_request"] += 1
-                log.debug("closing %s: %s", _peer_text(conn.peer), e)
-                if data[:1] != b"\x16" and len(data) < self.max_bytes:
-                    self.refuse(conn, 400, f"{e}")
-                else:
-                    self.close(conn)
-                return
-            conn.seen = len(data)
-        if result is NEED_MORE:
-            self.wait_for_more(conn)
-            return
-        self.route(conn, *result)
-
-    def wait_for_more(self, conn):
-        if conn.seen > 0 and conn.tcp:
-            # Peeking consumes nothing, so the socket stays readable: ask the kernel
-            # to wake us only once more bytes than we have seen are there (or a FIN).
-            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, conn.seen + 1)
-            conn.lowat = True
-        if conn.seen > 0 and not conn.tcp:
-            self.unwatch(conn)             # AF_UNIX poll ignores SO_RCVLOWAT
-            self.repeek.append(conn)
-        elif not conn.watched:
-            self.loop.add_reader(conn.sock, lambda: self.peek(conn))
-            conn.watched = True
-        if conn.sock.fileno() not in self.conns:
-            self.conns[conn.sock.fileno()] = conn
-            self.sniffing[conn.sock.fileno()] = conn
-            self.push_timer(conn)
 
     def route(self, conn, kind, name):
         choice = None
@@ -316,13 +232,13 @@ class Router(Shell):
         if app is None or app.removing is not None:
             if kind == "http":
                 self.counters["unknown_host"] += 1
-                self.refuse(conn, 421, f"no app here serves {name!r}")
+                self.sniff.refuse(conn, 421, f"no app here serves {name!r}")
             else:
                 self.counters["unknown_sni"] += 1
-                self.close(conn)
+                self.sniff.close(conn)
             return
-        self.unwatch(conn)
-        self.forget(conn)
+        self.sniff.unwatch(conn)
+        self.sniff.forget(conn)
         if conn.lowat:
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         info = {"peer": conn.peer, "host": name, "via": kind}
@@ -365,7 +281,7 @@ class Router(Shell):
         self.counters["unavailable"] += 1
         conn = Conn(sock, info.get("peer"), sock.family != socket.AF_UNIX, 0)
         if info.get("via") == "http":
-            self.refuse(conn, 503, why or f"app {app.name} cannot take more connections now")
+            self.sniff.refuse(conn, 503, why or f"app {app.name} cannot take more connections now")
         else:
             sock.close()
 
@@ -382,65 +298,6 @@ class Router(Shell):
 
     def down_text(self, app):
         return f"app {app.name} is not running (its master could not be restarted)"
-
-    def refuse(self, conn, status, text):
-        """Answer an HTTP client with an error, then linger-close (RST would eat the answer)."""
-        body = (text + "\n").encode("utf-8", "replace")
-        head = (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-        try:
-            if conn.lowat:
-                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-                conn.lowat = False
-            conn.sock.recv(self.max_bytes, socket.MSG_DONTWAIT)  # what we peeked: ours now
-            conn.sock.send(head + body, socket.MSG_DONTWAIT)
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.close(conn)
-            return
-        self.sniffing.pop(conn.sock.fileno(), None)
-        conn.state = "linger"
-        conn.deadline = self.system.monotonic() + LINGER
-        self.unwatch(conn)
-        self.loop.add_reader(conn.sock, lambda: self.discard(conn))
-        conn.watched = True
-        self.conns[conn.sock.fileno()] = conn
-        self.push_timer(conn)
-
-    def discard(self, conn):
-        try:
-            while conn.sock.recv(65536, socket.MSG_DONTWAIT):
-                pass
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            pass
-        self.close(conn)
-
-    def expire(self, conn):
-        if conn.state == "sniff":
-            self.counters["timed_out"] += 1
-            log.debug("closing %s: no host named within %.1fs", _peer_text(conn.peer), self.sniff_timeout)
-        self.close(conn)
-
-    def push_timer(self, conn):
-        self.seq += 1
-        heapq.heappush(self.timers, (conn.deadline, self.seq, conn))
-
-    def unwatch(self, conn):
-        if conn.watched:
-            self.loop.remove_reader(conn.sock)
-            conn.watched = False
-
-    def forget(self, conn):
-        self.conns.pop(conn.sock.fileno(), None)
-        self.sniffing.pop(conn.sock.fileno(), None)
-        conn.state = "done"
-
-    def close(self, conn):
-        self.unwatch(conn)
-        self.forget(conn)
-        conn.sock.close()
 
     # -- apps (their masters: fugue.appmasters) --------------------------------------------
 
@@ -508,15 +365,15 @@ class Router(Shell):
         close_listeners(self.listeners, unlink=True)
         self.listeners = []
         if how == "quick":
-            for conn in list(self.conns.values()):
-                self.close(conn)
+            for conn in list(self.sniff.conns.values()):
+                self.sniff.close(conn)
             self.masters.stop("quick")
         else:
             self.stop_apps_when_idle()
 
     def stop_apps_when_idle(self):
         # Connections still being sniffed are routed first; then the apps drain.
-        if any(c.state == "sniff" for c in self.conns.values()) or any(a.backlog for a in self.masters):
+        if any(c.state == "sniff" for c in self.sniff.conns.values()) or any(a.backlog for a in self.masters):
             return
         self.masters.stop("graceful")
 
@@ -548,14 +405,8 @@ class Router(Shell):
     def release(self):
         """Shell.shutdown: the apps' masters are killed; every connection is closed."""
         self.masters.close()
-        for conn in list(self.conns.values()):
-            self.close(conn)
-
-
-def _peer_text(peer):
-    if isinstance(peer, (tuple, list)) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer or "?")
+        for conn in list(self.sniff.conns.values()):
+            self.sniff.close(conn)
 
 
 if __name__ == "__main__":
