@@ -32,7 +32,7 @@ from .fds import close_listeners, refuse_new_clients
 from .health import Drain
 from .leftovers import listener_inodes, name_listener_holders
 from .pool import Pool
-from .rollout import Asks, Generations, WatchTrigger, waits_for
+from .rollout import Asks, Generations, WatchMode, waits_for
 from .shell import Shell
 from .status import StatusServer
 from .system import SYSTEM
@@ -66,14 +66,18 @@ class Master(Shell):
         self.gens = Generations(first_generation, system=system)
         self.asks = Asks()              # reloads and upgrades asked for, not begun yet
         self.upgrade = None             # old master: the upgrade.Upgrade in flight
-        self.watcher = None             # watch mode: the fugue.watch.Watcher
-        self.watch = None               # ... and its rollout.WatchTrigger
+        self.watching = WatchMode(self.loop, system, lambda: self.refusable(lambda: self.ask("reload", "watch")),
+                                  blocked=lambda: self.gens.pending is not None)
         self.status_server = None       # the management HTTP listener (status_bind)
         self.drain = Drain(self)        # drain_delay and fuguectl drain (fugue.health)
         self.started = system.monotonic()
         self.started_wall = system.wall()
 
     # -- what fugue.status, fugue.health and fugue.control read ---------------------
+
+    @property
+    def watcher(self):
+        return self.watching.watcher
 
     @property
     def workers(self):
@@ -123,16 +127,9 @@ class Master(Shell):
             self.loop.add_reader(self.status_server.sock, self.status_server.accept)
 
     def _start_watcher(self):
-        from .watch import Watcher  # watchfiles is an optional dependency: only in watch mode
-
-        paths = [os.path.join(self.cfg.start_dir, p) for p in self.cfg.watch_paths] or [self.app_dir()]
         ignore = [p for p in (self.cfg.path("log_file"), self.cfg.path("master_log_file"),
                               self.cfg.path("tmp_path"), self.pid_file.path) if p]
-        self.watcher = Watcher(paths, include=self.cfg.watch_include, exclude=self.cfg.watch_exclude,
-                               settle=self.cfg.watch_settle, ignore_paths=ignore)
-        self.watcher.start()
-        self.watch = WatchTrigger(self.watcher, self.cfg.start_dir, self.cfg.watch_settle)
-        self.loop.add_reader(self.watcher.fileno(), self._on_watch)
+        self.watching.start(self.cfg, self.app_dir(), ignore)
 
     def app_dir(self):
         if "script" in self.target:
@@ -151,7 +148,7 @@ class Master(Shell):
         first of all what was asked and can begin now (a rollout that ended frees the way).
         """
         timers = [self.upgrade.check_deadline(self.system.monotonic()) if self.upgrade else None,
-                  self._watch_timer(), self.pool.molds.deadline(self.system.monotonic()),
+                  self.watching.timer(), self.pool.molds.deadline(self.system.monotonic()),
                   self.control.deadline() if self.control else None, self.drain.tick(),
                   self.pool.leftovers.tick(self.system.monotonic())]
         for _ in range(4):
@@ -341,10 +338,7 @@ class Master(Shell):
         if "workers" in fresh.applied:
             self.pool.scale(fresh.cfg.workers)
         if watch_changed:
-            if self.watcher is not None:
-                self.loop.remove_reader(self.watcher.fileno())
-                self.watcher.stop()
-                self.watcher = self.watch = None
+            self.watching.stop()
             if self.cfg.watch:
                 self._start_watcher()
 
@@ -361,7 +355,7 @@ class Master(Shell):
                 if self.handoff is not None:  # the old master died while we started: the pid file is ours
                     self.pid_file.write()
                 self.system.notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS={text}")
-        self._reload_from_watch()  # changes seen during the rollout get one more reload
+        self.watching.reload()  # changes seen during the rollout get one more reload
 
     def rollback(self, reason):
         """Stop the pending generation; the serving one goes on (or, at start, give up)."""
@@ -370,7 +364,7 @@ class Master(Shell):
         self.pool.stop_generation(gen, f"generation {gen} rolled back", self.system.monotonic())
         rollout = self.gens.rollback(reason)
         if not rollout.initial:
-            self._reload_from_watch()
+            self.watching.reload()
             return
         # The launcher hears it from shutdown(), once nothing is left behind.
         if self.old_master_draining():  # so `fuguectl upgrade` shows why
@@ -378,25 +372,6 @@ class Master(Shell):
         self.exit_status = 1
         self.fatal_reason = reason
         self.begin_stop("quick")
-
-    # -- watch mode -------------------------------------------------------------------
-
-    def _on_watch(self):
-        if self.watch.take():
-            self._reload_from_watch()
-
-    def _watch_timer(self):
-        """A timer (it acts): a pending watched change reloads once the tree has been quiet
-        for watch_settle. Returns when to look again, or None."""
-        if self.watch is None or not self.watch.pending or self.gens.pending is not None:
-            return None
-        self._reload_from_watch()
-        return self.watch.deadline(self.system.monotonic())
-
-    def _reload_from_watch(self):
-        if self.watch is not None and self.watch.due(blocked=self.gens.pending is not None):
-            self.watch.fired()
-            self.refusable(lambda: self.ask("reload", "watch"))
 
     # -- upgrade: USR2 (fugue.upgrade) ----------------------------------------------------
 
@@ -528,8 +503,7 @@ class Master(Shell):
         self.pool.shutdown()
         if not self.handed_over():  # nobody should hold the listeners now: say who does
             name_listener_holders(self.listener_inodes)
-        if self.watcher is not None:
-            self.watcher.stop()
+        self.watching.stop()
 
 
 def default_name(target):

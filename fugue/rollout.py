@@ -1,5 +1,5 @@
 """A generation's life: started (HUP, fuguectl reload, a watched change, the start),
-READY, promoted or rolled back; and the watch trigger that starts one.
+READY, promoted or rolled back; and watch mode (the watcher in the loop, the trigger) that starts one.
 
 Who calls it: fugue.master (the wiring). What it promises: at most one
 generation rolls out at a time, beside the one serving and those still draining
@@ -229,3 +229,50 @@ class WatchTrigger:
         if not self.pending:
             return None
         return now + max(0.01, self.settle - self.watcher.quiet_for())
+
+
+class WatchMode:
+    """Watch mode in a master: the watcher (fugue.watch) read in the loop, its WatchTrigger,
+    and the reload it asks for once due: `ask()`, never while `blocked()` (a rollout)."""
+
+    def __init__(self, loop, system, ask, blocked):
+        self.loop = loop
+        self.system = system
+        self.ask = ask
+        self.blocked = blocked
+        self.watcher = None     # the fugue.watch.Watcher, in watch mode
+        self.trigger = None     # ... and its WatchTrigger
+
+    def start(self, cfg, default_path, ignore):
+        from .watch import Watcher  # watchfiles is an optional dependency: only in watch mode
+
+        paths = [os.path.join(cfg.start_dir, p) for p in cfg.watch_paths] or [default_path]
+        self.watcher = Watcher(paths, include=cfg.watch_include, exclude=cfg.watch_exclude,
+                               settle=cfg.watch_settle, ignore_paths=ignore)
+        self.watcher.start()
+        self.trigger = WatchTrigger(self.watcher, cfg.start_dir, cfg.watch_settle)
+        self.loop.add_reader(self.watcher.fileno(), self._on_change)
+
+    def stop(self):
+        if self.watcher is not None:
+            self.loop.remove_reader(self.watcher.fileno())
+            self.watcher.stop()
+            self.watcher = self.trigger = None
+
+    def _on_change(self):
+        if self.trigger.take():
+            self.reload()
+
+    def timer(self):
+        """A timer (it acts): a pending watched change reloads once the tree has been quiet
+        for watch_settle. Returns when to look again, or None."""
+        if self.trigger is None or not self.trigger.pending or self.blocked():
+            return None
+        self.reload()
+        return self.trigger.deadline(self.system.monotonic())
+
+    def reload(self):
+        """Ask for the reload a pending change calls for, if it is due (after a rollout, too)."""
+        if self.trigger is not None and self.trigger.due(blocked=self.blocked()):
+            self.trigger.fired()
+            self.ask()
