@@ -311,6 +311,13 @@ def test_argparse_refusals_are_one_line(in_workdir, capsys, args, line):
     assert (rc, out, one_line(err)) == (2, "", line)
 
 
+def test_a_value_holding_a_newline_stays_on_one_line(in_workdir, capsys):
+    # hypothesis found `--working-path=$'\n'` printing a two-line error (FugueError's rule)
+    rc, out, err = _main(capsys, "check", "--bind", "127.0.0.1:0", "--app", "a:b", "--working-path", "x\ny")
+    assert (rc, out, one_line(err)) == (
+        1, "", f"fugue: working_path {in_workdir}/x\\ny does not exist or is not a directory")
+
+
 def _fake_master(workdir, listen=True, answer=False):
     """A process titled 'fugue master' with a control socket that never answers (or refuses)."""
     code = f"""
