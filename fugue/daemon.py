@@ -410,6 +410,19 @@ def adopt_library_loggers(handler, level):
         queue.addFilter(_QueueDepthAtDebug())
 
 
+def setup_child_logging(options, label, fields):
+    """A worker's or a mold's logging: fugue's, waitress's and uvicorn's loggers write to fd 2
+    (the master's log), at log_level, text or JSON; `label` tags text lines ("worker 3")."""
+    handler = LogHandler(2)  # a full disk costs log lines, said once; never the process
+    handler.setFormatter(make_formatter(
+        options.get("log_format"), f"%(asctime)s [%(process)d] [{label}] %(levelname)s %(message)s", fields))
+    level = level_of(options.get("verbose"), options.get("log_level"))
+    root = logging.getLogger("fugue")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    adopt_library_loggers(handler, level)
+
 # -- daemonize -------------------------------------------------------------------
 
 def daemonize(preserve, umask):

@@ -354,15 +354,6 @@ def main():
 
 def _setup_logging(rt):
     """As a worker's (fugue.worker._setup_logging), tagged with the mold's generation."""
-    from .daemon import LogHandler, adopt_library_loggers, level_of, make_formatter
+    from .daemon import setup_child_logging
 
-    handler = LogHandler(2)
-    handler.setFormatter(make_formatter(
-        rt.options.get("log_format"), f"%(asctime)s [%(process)d] [mold {rt.generation}] %(levelname)s %(message)s",
-        {"role": "mold", "generation": rt.generation}))
-    level = level_of(rt.options.get("verbose"), rt.options.get("log_level"))
-    root = logging.getLogger("fugue")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-    adopt_library_loggers(handler, level)
+    setup_child_logging(rt.options, f"mold {rt.generation}", {"role": "mold", "generation": rt.generation})

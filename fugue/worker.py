@@ -371,18 +371,10 @@ class Runtime(WorkerContext):
 
 def _setup_logging(rt):
     """fugue's, waitress's and uvicorn's loggers: fd 2 (the master's log), at log_level, text or JSON."""
-    from .daemon import LogHandler, adopt_library_loggers, level_of, make_formatter
+    from .daemon import setup_child_logging
 
-    handler = LogHandler(2)  # a full disk costs log lines, said once; never the worker
-    handler.setFormatter(make_formatter(
-        rt.options.get("log_format"), f"%(asctime)s [%(process)d] [worker {rt.worker_id}] %(levelname)s %(message)s",
-        {"role": "worker", "worker": rt.worker_id, "generation": rt.generation}))
-    level = level_of(rt.options.get("verbose"), rt.options.get("log_level"))
-    root = logging.getLogger("fugue")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-    adopt_library_loggers(handler, level)
+    setup_child_logging(rt.options, f"worker {rt.worker_id}",
+                        {"role": "worker", "worker": rt.worker_id, "generation": rt.generation})
 
 
 def _open_access_log(rt):
