@@ -13,6 +13,7 @@ in use" at the next start has an answer.
 
 import logging
 import os
+import select
 import signal
 import time
 
@@ -77,11 +78,29 @@ class Leftovers:
         return min(self.groups.values(), default=None)
 
     def finish(self):
-        """At the master's exit: wait for the groups to go, KILL them when their time is up."""
+        """At the master's exit: wait for the groups to go, KILL them when their time is up.
+
+        The members are not our children, so the wait is on their pidfds (readable when the
+        process exits): woken by each exit or by the KILL deadline, not by polling."""
         while self.groups:
             due = self.tick(time.monotonic())
-            if due is not None:
-                time.sleep(min(0.05, max(0.0, due - time.monotonic())))
+            if due is None:
+                return
+            fds = []
+            for pgid in self.groups:
+                for pid in group_members(pgid):
+                    try:
+                        fds.append(os.pidfd_open(pid))
+                    except OSError:  # gone meanwhile (ESRCH): the next tick sees it
+                        pass
+            try:
+                # No pidfd at all (every member went in between, or no descriptor left to
+                # open one): look again shortly rather than spin.
+                left = max(0.0, due - time.monotonic())
+                select.select(fds, [], [], left if fds else min(0.05, left))
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
 
 def listener_inodes(listeners):
